@@ -1,0 +1,237 @@
+"""BERT text encoder and cross-attention fusion encoder (ALBEF's split BERT, albef-spec §1.2).
+
+ALBEF cuts a 12-layer BERT at ``fusion_layer``: layers ``[0, k)`` encode text alone, layers
+``[k, n)`` add a cross-attention sub-block over the image tokens. Stock ``transformers`` BERT cannot
+express that split without decoder (causal) semantics, so the layer is assembled here from
+transformers' own building blocks (``BertEmbeddings``, ``BertSelfOutput``, ``BertIntermediate``,
+``BertOutput``) plus a small attention core that runs fused SDPA and, for one chosen layer only,
+an explicit softmax whose probabilities (post-softmax, pre-dropout) are returned to the caller.
+Sub-module names equal BERT's, so checkpoint key mapping is a prefix rename (model/checkpoints.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOutput,
+    BertPredictionHeadTransform,
+    BertSelfOutput,
+)
+
+# ALBEF's xbert builds the self-attention mask as (1 - m) * -10000 (pitfall 23).
+MASK_FILL = -10000.0
+
+
+def make_bert_config(
+    vocab_size: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int,
+    hidden_dropout: float,
+    attn_dropout: float,
+    pad_token_id: int = 0,
+) -> BertConfig:
+    """A transformers ``BertConfig`` with ALBEF's fixed choices (exact GELU, LN eps 1e-12)."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=hidden_dropout,
+        attention_probs_dropout_prob=attn_dropout,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        type_vocab_size=2,
+        pad_token_id=pad_token_id,
+    )
+
+
+def extended_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) 0/1 padding mask -> additive (B, 1, 1, L) mask with ALBEF's -10000 fill."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_FILL
+
+
+class AttentionCore(nn.Module):
+    """Multi-head attention projections (``query``/``key``/``value`` as in BERT).
+
+    Keys/values may come from a different width (image tokens): ``kv_width``.
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.dropout_p = dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, kv: Tensor, mask: Tensor | None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, Lq, D); kv: (B, Lk, Dkv); mask: additive (B, 1, 1, Lk) or None.
+
+        Returns the context (B, Lq, D) and, if ``need_probs``, the attention probabilities
+        (B, H, Lq, Lk) after softmax and before dropout (what Grad-CAM explains, pitfall 23).
+        """
+        q, k, v = self._split(self.query(x)), self._split(self.key(kv)), self._split(self.value(kv))
+        p = self.dropout_p if self.training else 0.0
+        probs = None
+        if need_probs:
+            scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            ctx = F.dropout(probs, p=p, training=self.training) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        b, _, n, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, n, -1), probs
+
+
+class AttentionBlock(nn.Module):
+    """Attention + BERT's residual ``output`` (dense, dropout, LayerNorm(x + .))."""
+
+    def __init__(self, config: BertConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = AttentionCore(
+            config.hidden_size, config.num_attention_heads, kv_width,
+            config.attention_probs_dropout_prob,
+        )
+        self.output = BertSelfOutput(config)
+
+    def forward(
+        self, x: Tensor, kv: Tensor, mask: Tensor | None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx, probs = self.self(x, kv, mask, need_probs)
+        return self.output(ctx, x), probs
+
+
+class BertLayer(nn.Module):
+    """Post-LN BERT layer; with ``cross_width`` it gains ALBEF's cross-attention sub-block."""
+
+    def __init__(self, config: BertConfig, cross_width: int | None = None) -> None:
+        super().__init__()
+        self.attention = AttentionBlock(config, config.hidden_size)
+        self.crossattention = AttentionBlock(config, cross_width) if cross_width else None
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor,
+        image: Tensor | None = None,
+        need_probs: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        hidden, _ = self.attention(hidden, hidden, mask)
+        probs = None
+        if self.crossattention is not None:
+            # ALBEF always passes an all-ones image mask, so no mask is needed here.
+            hidden, probs = self.crossattention(hidden, image, None, need_probs)
+        return self.output(self.intermediate(hidden), hidden), probs
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0), zero padding row."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class TextEncoder(nn.Module):
+    """Embeddings + the first ``num_layers`` BERT layers (ALBEF ``mode='text'``)."""
+
+    def __init__(self, config: BertConfig, num_layers: int) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(config)
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(num_layers))
+        self.apply(init_bert_weights)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask: (B, L) -> hidden states (B, L, D)."""
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = extended_mask(attention_mask, hidden.dtype)
+        for layer in self.layer:
+            hidden, _ = layer(hidden, mask)
+        return hidden
+
+
+@dataclass
+class FusionOutput:
+    """hidden: (B, L, D) last fusion layer; cross_attn: (B, H, L, 1+N) of the requested layer."""
+
+    hidden: Tensor
+    cross_attn: Tensor | None = None
+
+
+class FusionEncoder(nn.Module):
+    """The cross-attention BERT layers (ALBEF ``mode='fusion'``: no embedding layer)."""
+
+    def __init__(self, config: BertConfig, num_layers: int, image_width: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(config, cross_width=image_width) for _ in range(num_layers)
+        )
+        self.apply(init_bert_weights)
+
+    def forward(
+        self,
+        text_states: Tensor,
+        attention_mask: Tensor,
+        image_tokens: Tensor,
+        attn_layer: int | None = None,
+    ) -> FusionOutput:
+        """text_states: (B, L, D), attention_mask: (B, L), image_tokens: (B, 1+N, Dv).
+
+        ``attn_layer`` (0-based within this stack) selects the layer whose cross-attention
+        probabilities are returned; that one layer runs an explicit softmax, the rest use SDPA.
+        """
+        hidden = text_states
+        mask = extended_mask(attention_mask, hidden.dtype)
+        cross_attn = None
+        for i, layer in enumerate(self.layer):
+            hidden, probs = layer(hidden, mask, image_tokens, need_probs=(i == attn_layer))
+            if probs is not None:
+                cross_attn = probs
+        return FusionOutput(hidden=hidden, cross_attn=cross_attn)
+
+
+class MLMHead(nn.Module):
+    """BERT's MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings.
+
+    The decoder weight is not stored here: it is passed in at call time (the word-embedding
+    matrix), which is how ALBEF's tie (pitfall 22) survives the momentum copy and EMA unchanged.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.transform.apply(init_bert_weights)
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
+        """hidden: (..., D) -> vocabulary logits (..., V)."""
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)

@@ -1,0 +1,60 @@
+"""Load an ``ExperimentConfig`` from layers: schema defaults -> base file -> preset -> override
+files -> inline ``set`` mappings -> ``--set`` items (each later layer wins)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from model.config.loader import (
+    ConfigError,
+    config_hash,
+    from_dict,
+    load_yaml_file,
+    merge_layers,
+    parse_dotlist,
+    unflatten,
+)
+from model.config.presets import preset_layer
+from model.config.schema import ExperimentConfig
+
+# Settings that change where or how fast a run goes, not what it computes.
+HASH_EXCLUDE = ("data.num_workers", "train.log_every", "train.checkpoint_every")
+
+
+def load_experiment(
+    files: Sequence[str | Path] = (),
+    preset: str | None = None,
+    sets: Sequence[str] = (),
+    inline: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    base: str | Path | None = None,
+) -> ExperimentConfig:
+    """Resolve and validate a config; every error names the file (or layer) that set the key.
+
+    Args:
+        files: override YAML files, applied in order after the preset.
+        preset: ``tiny`` or ``base`` (see model/config/presets.py).
+        sets: ``key=value`` items (CLI ``--set``), applied last.
+        inline: (source name, mapping with dotted or nested keys), e.g. a matrix cell's ``set:``.
+        base: a base YAML applied before the preset.
+    """
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if base is not None:
+        layers.append((str(base), load_yaml_file(base)))
+    if preset is not None:
+        try:
+            layers.append((f"preset '{preset}'", preset_layer(preset)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    layers += [(str(f), load_yaml_file(f)) for f in files]
+    layers += [(name, unflatten(dict(m), name)) for name, m in inline]
+    if sets:
+        layers.append(("--set", parse_dotlist(sets)))
+    merged, origins = merge_layers(layers)
+    return from_dict(ExperimentConfig, merged, origins)
+
+
+def experiment_hash(cfg: ExperimentConfig) -> str:
+    """Identity of what a run computes (10 hex chars); excludes speed/logging knobs."""
+    return config_hash(cfg, exclude=HASH_EXCLUDE)

@@ -1,0 +1,296 @@
+"""Typed, frozen experiment configuration.
+
+Defaults are **ALBEF's** published pre-training settings (ViT-B/16 at 256 px, BERT-base split 6+6,
+embed 256, queue 65536, momentum 0.995, alpha 0.4, AdamW 1e-4 / wd 0.02, 30 epochs) with every
+SoftMask++ switch at its identity value. The method's components are turned on by override files in
+``ablations/overrides/``; so the baseline is the schema itself and cannot drift from it.
+
+Validation in ``__post_init__`` only raises (``FieldError`` names the offending field); it never
+mutates. Derived values (global batch, BERT layer index of the Grad-CAM layer) are properties.
+Layer indices inside the fusion stack are 0-based: ``softmask.layer = 2`` is the 3rd fusion layer,
+i.e. BERT layer ``text.text_layers + 2`` (= 8 in ALBEF, the official Grad-CAM layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.config.loader import FieldError
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise FieldError(name, message)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image encoder (timm). ``init``: local dir/file or hub id of DeiT/ViT weights."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.image_size % self.patch_size == 0, "image_size",
+               f"must be a multiple of patch_size={self.patch_size}, got {self.image_size}")
+        _check(self.width % self.heads == 0, "width",
+               f"must be divisible by heads={self.heads}, got {self.width}")
+        _check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT split into ``text_layers`` unimodal layers and ``fusion_layers`` cross-attention layers.
+
+    ``init``: a local directory or hub name of a BERT checkpoint (``bert-base-uncased``);
+    ``None`` = BERT's random init. ``vocab_size = None`` takes the tokenizer's size (synthetic data);
+    a set value must equal the tokenizer's (checked when the model is built).
+    """
+
+    vocab_size: int | None = 30522
+    hidden: int = 768
+    text_layers: int = 6
+    fusion_layers: int = 6
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+    hidden_dropout: float = 0.1
+    attn_dropout: float = 0.1
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.hidden % self.heads == 0, "hidden",
+               f"must be divisible by heads={self.heads}, got {self.hidden}")
+        _check(self.text_layers >= 1, "text_layers", f"must be >= 1, got {self.text_layers}")
+        _check(self.fusion_layers >= 1, "fusion_layers", f"must be >= 1, got {self.fusion_layers}")
+        for name in ("hidden_dropout", "attn_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+
+    def __post_init__(self) -> None:
+        _check(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
+        _check(0.0 < self.momentum < 1.0, "momentum", f"must be in (0, 1), got {self.momentum}")
+        _check(self.queue_size >= 1, "queue_size", f"must be >= 1, got {self.queue_size}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and the distillation / focal knobs (ALBEF eq. for ITC, SoftMask++ focal ITC).
+
+    ``focal_gamma = 0`` is ALBEF's ITC exactly; ``alpha`` is ALBEF's distillation weight, ramped
+    linearly over the first epoch when ``alpha_warmup``.
+    """
+
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    alpha: float = 0.4
+    alpha_warmup: bool = True
+    mlm_prob: float = 0.15
+    focal_gamma: float = 0.0
+    focal_detach: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("itc", "itm", "mlm"):
+            _check(getattr(self, name) >= 0, name, f"weight must be >= 0, got {getattr(self, name)}")
+        _check(self.itc + self.itm + self.mlm > 0, "itc", "at least one loss weight must be > 0")
+        _check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(0.0 < self.mlm_prob < 1.0, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
+        _check(self.focal_gamma >= 0, "focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+
+
+@dataclass(frozen=True)
+class SoftMaskConfig:
+    """Text-driven soft feature masking (method-spec §1) and its RandMask baseline.
+
+    mode: ``off`` (ALBEF), ``gradcam`` (SoftMask: word-conditional Grad-CAM -> 1 - minmax map) or
+    ``random`` (RandMask: patch tokens zeroed with probability ``random_p``).
+    layer: 0-based fusion layer whose cross-attention is explained (2 = BERT layer 8 in ALBEF).
+    apply_to: which losses see the masked image features: ``itm`` (paper default) or ``itm_mlm``.
+    """
+
+    mode: Literal["off", "gradcam", "random"] = "off"
+    layer: int = 2
+    word: Literal["random", "mean"] = "random"
+    normalize: Literal["minmax"] = "minmax"
+    random_p: float = 0.5
+    apply_to: Literal["itm", "itm_mlm"] = "itm"
+
+    def __post_init__(self) -> None:
+        _check(self.layer >= 0, "layer", f"must be >= 0, got {self.layer}")
+        _check(0.0 < self.random_p < 1.0, "random_p", f"must be in (0, 1), got {self.random_p}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class MMDAConfig:
+    """Multi-modal data augmentation (method-spec §3).
+
+    enabled: the student sees a strong image view and masked text in the unimodal text encoder;
+    ITM and MLM then share one fusion forward over (masked text, image).
+    """
+
+    enabled: bool = False
+    strong_image: bool = True
+    masked_text: bool = True
+    color_jitter: float = 0.4
+    blur: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.color_jitter <= 1.0, "color_jitter",
+               f"must be in [0, 1], got {self.color_jitter}")
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """The generated compositional shapes set (used when ``data.kind = synthetic``)."""
+
+    seed: int = 0
+    n_train_images: int = 4000
+    n_test_images: int = 500
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from. Paths are relative to the working directory unless absolute."""
+
+    kind: Literal["synthetic", "albef_json"] = "albef_json"
+    train_files: tuple[str, ...] = ()
+    image_root: str = ""
+    eval_file: str = ""
+    eval_format: Literal["albef", "coco"] = "albef"
+    negatives_file: str | None = None
+    tokenizer: str = "bert-base-uncased"
+    max_words: int = 30
+    max_tokens: int = 25
+    eval_max_tokens: int = 30
+    hflip: bool = True
+    num_workers: int = 4
+    cache_dir: str = "data_cache"
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.kind == "albef_json":
+            _check(len(self.train_files) > 0, "train_files",
+                   "must list at least one annotation file when kind = albef_json")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. ``schedule = albef`` reproduces ALBEF's staircase warm-up + per-epoch cosine.
+
+    The warm-up is ``warmup_steps`` plateaus of ``warmup_every`` iterations each (2000 iterations at
+    the paper's 20 x 100); ``max_steps`` caps training (tiny runs are budgeted in steps).
+    """
+
+    batch_size: int = 64
+    epochs: int = 30
+    max_steps: int | None = None
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 20
+    warmup_every: int = 100
+    weight_decay: float = 0.02
+    schedule: Literal["albef", "albef_finetune", "constant"] = "albef"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    mode: Literal["pretrain", "retrieval"] = "pretrain"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Retrieval evaluation (ALBEF protocol: ITC top-k_test, then ITM re-rank)."""
+
+    k_test: int = 256
+    batch_size: int = 64
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.k_test >= 1, "k_test", f"must be >= 1, got {self.k_test}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment. Only ``build_*`` functions and the engine read it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    mmda: MMDAConfig = field(default_factory=MMDAConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_files=("coco.json",)))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        fusion = self.model.text.fusion_layers
+        # The last fusion layer is excluded: its word rows never reach the [CLS] output that the
+        # ITM head reads, so every word's Grad-CAM would be zero (only later layers mix them).
+        _check(self.softmask.layer < fusion - 1, "softmask",
+               f"softmask.layer must be < model.text.fusion_layers - 1 = {fusion - 1}, "
+               f"got {self.softmask.layer}")
+        if self.softmask.enabled:
+            _check(self.loss.itm > 0, "softmask",
+                   "softmask.mode != off needs loss.itm > 0 (masked pairs are ITM positives)")
+        if self.softmask.apply_to == "itm_mlm" and self.softmask.enabled:
+            # MLM on the masked pairs reuses their fusion pass, which must run on masked text;
+            # over clean text the MLM targets would be visible in the input.
+            _check(self.loss.mlm > 0 and self.mmda.enabled and self.mmda.masked_text, "softmask",
+                   "softmask.apply_to = itm_mlm needs loss.mlm > 0 and mmda.enabled with "
+                   "mmda.masked_text (the masked pairs' fusion pass must see masked text)")
+        if self.mmda.enabled and self.mmda.masked_text:
+            _check(self.loss.mlm > 0, "mmda", "mmda.masked_text needs loss.mlm > 0 (shared pass)")
+        _check(self.model.queue_size % self.train.batch_size == 0, "model",
+               f"model.queue_size={self.model.queue_size} must be divisible by "
+               f"train.batch_size={self.train.batch_size} (ALBEF enqueues whole batches)")
+
+    @property
+    def gradcam_bert_layer(self) -> int:
+        """The Grad-CAM layer as a BERT layer index (8 for ALBEF-base)."""
+        return self.model.text.text_layers + self.softmask.layer
+
+
+def check_world_size(cfg: ExperimentConfig, world_size: int) -> None:
+    """Raise if the global batch does not divide the queue (checked before any job starts)."""
+    global_batch = cfg.train.batch_size * world_size
+    if cfg.model.queue_size % global_batch != 0:
+        raise ValueError(
+            f"model.queue_size={cfg.model.queue_size} is not divisible by the global batch "
+            f"{global_batch} (train.batch_size={cfg.train.batch_size} x world_size={world_size})"
+        )

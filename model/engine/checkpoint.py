@@ -1,0 +1,121 @@
+"""Full training checkpoints: atomic, resumable bit-exactly on CPU.
+
+A checkpoint holds everything the next step depends on: student and momentum weights, queues and
+their pointer (all in the objective's state dict), the optimizer, the step generator, the global
+RNG states (dropout), and the data position (epoch, batch within epoch). This module is the one
+place that names checkpoint files; nothing else calls ``torch.save`` on training state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.objective import Objective
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    """Where training is: ``epoch`` and ``batch`` (within the epoch) of the *next* step."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_FILE
+
+
+def _rng_state(objective: Objective) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "step_generator": objective.generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(objective: Objective, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    objective.generator.set_state(state["step_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.optim.Optimizer,
+                    state: TrainState, config: dict[str, Any], config_hash: str) -> Path:
+    """Write the full checkpoint atomically (tmp file, fsync, rename): a crash or a preemption
+    mid-write leaves the previous checkpoint intact."""
+    path = checkpoint_path(run_dir)
+    payload = {
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": asdict(state),
+        "rng": _rng_state(objective),
+        "config": config,
+        "config_hash": config_hash,
+        "format": "softmask-harness/full/v1",
+    }
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path, objective: Objective,
+                    optimizer: torch.optim.Optimizer | None, config_hash: str,
+                    force: bool = False) -> TrainState | None:
+    """Resume from ``run_dir``'s checkpoint if there is one; ``None`` otherwise.
+
+    A checkpoint written under another config hash is refused (a silently different experiment
+    would continue) unless ``force``.
+    """
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("config_hash") != config_hash and not force:
+        raise RuntimeError(
+            f"{path} was written by config {payload.get('config_hash')} but this run's config "
+            f"is {config_hash}; use a new run directory or force the resume"
+        )
+    objective.load_state_dict(payload["objective"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(objective, payload["rng"])
+    state = TrainState(**payload["state"])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step,
+             state.epoch, state.batch)
+    return state
+
+
+def load_objective_weights(objective: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load only the weights of a full checkpoint (e.g. to evaluate it); returns its payload
+    minus the tensors (config, state, hash) for provenance."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if "objective" not in payload:
+        raise ValueError(f"{path}: not a full training checkpoint (no 'objective' entry); "
+                         "for official ALBEF files use model.checkpoints.load_albef_checkpoint")
+    objective.load_state_dict(payload["objective"])
+    return {k: v for k, v in payload.items() if k not in ("objective", "optimizer", "rng")}

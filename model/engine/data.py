@@ -1,0 +1,120 @@
+"""From a config to tokenizer, datasets and loaders (the engine's only data entry point)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from model.config.schema import ExperimentConfig
+from model.data.collate import PretrainCollate
+from model.data.datasets import PretrainDataset, RetrievalEvalDataset, RetrievalTrainDataset
+from model.data.sampling import ResumableSampler, SeededDataset
+from model.data.synthetic import SyntheticSpec, generate
+from model.data.tokenizer import TextTokenizer
+from model.data.transforms import build_multiview, build_transform
+from model.engine.distributed import DistInfo, barrier
+from model.text_masking import SpecialIds
+
+
+@dataclass
+class DataSources:
+    """Resolved file locations: annotation files, image root, evaluation files, tokenizer."""
+
+    train_files: tuple[Path, ...]
+    image_root: Path
+    eval_file: Path | None
+    eval_format: str
+    negatives_file: Path | None
+    tokenizer: str | Path
+    synthetic: bool
+
+
+def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
+    s = cfg.data.synthetic
+    return SyntheticSpec(seed=s.seed, n_train_images=s.n_train_images,
+                         n_test_images=s.n_test_images, image_size=s.image_size)
+
+
+def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) -> DataSources:
+    """Generate (rank 0 first, cached on disk) or locate the data named by the config."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        spec = synthetic_spec(cfg)
+        root = Path(d.cache_dir) / f"synthetic_{spec.hash()}"
+        if dist_info is None or dist_info.is_main:
+            paths = generate(root, spec)
+        barrier()
+        paths = generate(root, spec)  # cached: returns immediately once written
+        return DataSources((paths.train_file,), paths.root, paths.test_file, "albef",
+                           paths.negatives_file, paths.vocab_file, True)
+    return DataSources(
+        tuple(Path(f) for f in d.train_files), Path(d.image_root),
+        Path(d.eval_file) if d.eval_file else None, d.eval_format,
+        Path(d.negatives_file) if d.negatives_file else None, d.tokenizer, False,
+    )
+
+
+def build_tokenizer(sources: DataSources) -> TextTokenizer:
+    """Locally built WordPiece vocab for synthetic data; a BERT tokenizer otherwise."""
+    if sources.synthetic:
+        return TextTokenizer.from_vocab_file(sources.tokenizer)
+    return TextTokenizer.from_pretrained(str(sources.tokenizer))
+
+
+def special_ids(tokenizer: TextTokenizer) -> SpecialIds:
+    return SpecialIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, mask=tokenizer.mask_id,
+                      vocab_size=tokenizer.vocab_size)
+
+
+def train_transform(cfg: ExperimentConfig):
+    """ALBEF's pre-training (or fine-tuning) view; with MMDA also the strong student view."""
+    size, hflip = cfg.model.vision.image_size, cfg.data.hflip
+    if cfg.mmda.enabled and cfg.mmda.strong_image:
+        return build_multiview(size, hflip=hflip)
+    kind = "finetune" if cfg.train.mode == "retrieval" else "pretrain"
+    return build_transform(kind, size, hflip=hflip)
+
+
+@dataclass
+class TrainData:
+    dataset: SeededDataset
+    sampler: ResumableSampler
+    loader: DataLoader
+
+
+def build_train_data(cfg: ExperimentConfig, sources: DataSources, tokenizer: TextTokenizer,
+                     dist_info: DistInfo) -> TrainData:
+    """Seeded dataset + resumable sampler + loader (pinned memory on CUDA, drop_last)."""
+    cls = RetrievalTrainDataset if cfg.train.mode == "retrieval" else PretrainDataset
+    base = cls(sources.train_files, sources.image_root, train_transform(cfg), cfg.data.max_words)
+    dataset = SeededDataset(base, cfg.train.seed)
+    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed,
+                               dist_info.rank, dist_info.world_size)
+    # ALBEF truncates pre-training captions to 25 tokens; retrieval training does not truncate.
+    max_len = cfg.data.max_tokens if cfg.train.mode == "pretrain" else None
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+        num_workers=cfg.data.num_workers, pin_memory=dist_info.device.type == "cuda",
+        collate_fn=PretrainCollate(tokenizer, max_len, truncation=max_len is not None),
+        persistent_workers=False,
+        # A private generator for the loader's base seed: drawing it from the global RNG would
+        # shift dropout's stream by one draw whenever an iterator is created (breaks resume).
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    return TrainData(dataset, sampler, loader)
+
+
+def build_eval_dataset(cfg: ExperimentConfig, sources: DataSources) -> RetrievalEvalDataset:
+    """The retrieval evaluation split with ALBEF's test transform (exact resize, no crop)."""
+    if sources.eval_file is None:
+        raise ValueError("data.eval_file is empty: no retrieval evaluation split configured")
+    size = cfg.eval.image_size or cfg.model.vision.image_size
+    transform = build_transform("test", size)
+    if sources.eval_format == "coco":
+        return RetrievalEvalDataset.from_coco(sources.eval_file, sources.image_root, transform,
+                                              cfg.data.max_words)
+    return RetrievalEvalDataset(sources.eval_file, sources.image_root, transform,
+                                cfg.data.max_words)

@@ -1,0 +1,69 @@
+"""ALBEF's optimiser groups, learning-rate schedule and alpha ramp (albef-spec §3, pitfalls 13-15)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.config.schema import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[no-decay, decay] groups by ALBEF's rule: 1-D tensors and biases get no decay.
+
+    Everything else decays, including ``temp`` (0-D, so not "1-D"), the ViT ``cls_token`` and
+    ``pos_embed`` and all embedding tables (pitfall 13). Frozen (momentum) parameters are skipped.
+    """
+    no_decay, decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.ndim == 1 or name.endswith(".bias")) else decay).append(p)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.999, eps 1e-8) as ALBEF's optimiser factory builds it."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int) -> float:
+    """Learning rate used by the optimizer step of iteration ``step_in_epoch`` of ``epoch``.
+
+    ``albef`` (pre-training): in epoch 0 a staircase warm-up of ``warmup_steps`` plateaus of
+    ``warmup_every`` iterations from ``warmup_lr`` to ``lr`` (the timm scheduler is stepped after
+    iterations 0, 100, ..., 2000, and a new value applies from the next iteration); from epoch
+    e >= 1 a per-epoch cosine  min + (lr - min)(1 + cos(pi e / E)) / 2.
+    ``albef_finetune``: epoch e uses  min + (lr - min)(1 + cos(pi e / E)) / 2 (epoch 0 = lr).
+    ``constant``: lr.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    cosine = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "albef_finetune" or epoch > 0:
+        return cosine
+    # Iteration i runs with the value set by the last scheduler call made after iteration
+    # j < i with j % warmup_every == 0, i.e. plateau t = ceil(i / warmup_every) - 1.
+    plateau = max(0, math.ceil(step_in_epoch / cfg.warmup_every) - 1)
+    if plateau >= cfg.warmup_steps:
+        return cfg.lr
+    return cfg.warmup_lr + plateau * (cfg.lr - cfg.warmup_lr) / cfg.warmup_steps
+
+
+def alpha_at(base_alpha: float, warmup: bool, epoch: int, step_in_epoch: int,
+             steps_per_epoch: int) -> float:
+    """ALBEF's distillation weight: linear from 0 over the first epoch, per iteration."""
+    if not warmup or epoch > 0:
+        return base_alpha
+    return base_alpha * min(1.0, step_in_epoch / max(1, steps_per_epoch))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

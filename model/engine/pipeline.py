@@ -1,0 +1,116 @@
+"""One grid cell end to end: train (or resume) -> evaluate -> result.json + DONE.
+
+The same function runs in-process, under submitit's local executor and in a SLURM array task;
+only rank 0 evaluates and writes results. Any exception leaves a FAILED marker with the error and
+traceback tail (kept for the status view) and is re-raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config.schema import ExperimentConfig
+from model.engine.checkpoint import checkpoint_path
+from model.engine.compositional import compositional_accuracy, load_negative_items
+from model.engine.data import build_eval_dataset, build_tokenizer
+from model.engine.distributed import barrier, cleanup_distributed
+from model.engine.retrieval import evaluate_retrieval
+from model.engine.run_io import DONE, FAILED, METRICS, RESULT, append_jsonl, write_json_atomic
+from model.engine.train import Trainer, train
+from model.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
+    """Zero-shot retrieval (ITC-only and ITM re-ranked) and, when the split has them,
+    compositional hard-negative accuracy; with provenance for every number."""
+    cfg, student, device = tr.cfg, tr.objective.student, tr.dist.device
+    tokenizer = build_tokenizer(tr.sources)
+    dataset = build_eval_dataset(cfg, tr.sources)
+    ckpt = checkpoint_path(tr.run_dir)
+    ckpt_hash = file_sha256(ckpt)
+    report = evaluate_retrieval(student, dataset, tokenizer, device, cfg.eval.k_test,
+                                cfg.eval.batch_size, split=f"{tr.sources.eval_file.name}",
+                                checkpoint_hash=ckpt_hash[:16], cache_dir=tr.run_dir)
+    metrics = dict(report.metrics)
+    if tr.sources.negatives_file is not None:
+        items = load_negative_items(tr.sources.negatives_file)
+        size = cfg.eval.image_size or cfg.model.vision.image_size
+        metrics.update(compositional_accuracy(student, items, build_transform("test", size),
+                                              tr.sources.image_root, tokenizer, device,
+                                              cfg.eval.batch_size))
+    provenance = {
+        **report.provenance,
+        "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_hash,
+        "stage": "pretrained" if cfg.train.mode == "pretrain" else "fine-tuned",
+        "protocol": "zero-shot retrieval" if cfg.train.mode == "pretrain" else "fine-tuned",
+        "eval_file": str(tr.sources.eval_file), "dataset_images_listed": len(dataset),
+        "train_steps": tr.state.global_step,
+    }
+    return metrics, provenance
+
+
+def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any] | None = None,
+             device: str | None = None, progress: bool = False,
+             stop_after: int | None = None) -> dict[str, Any]:
+    """Train + evaluate one run directory; idempotent (a finished run returns its result).
+
+    ``stop_after`` stops training early without evaluating (used to test resumption).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / DONE).exists():
+        from model.engine.run_io import read_json
+
+        return read_json(run_dir / RESULT)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)  # a resubmission gets a fresh chance
+    try:
+        return _run(cfg, run_dir, identity or {}, device, progress, stop_after)
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
+        if not isinstance(exc, KeyboardInterrupt | SystemExit):
+            tail = "".join(traceback.format_exception(exc))[-4000:]
+            (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n\n{tail}")
+        raise
+    finally:
+        cleanup_distributed()
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
+         progress: bool, stop_after: int | None) -> dict[str, Any]:
+    t0 = time.time()
+    summary, tr = train(cfg, run_dir, device=device, identity=identity, progress=progress,
+                        stop_after=stop_after)
+    if stop_after is not None and summary.steps < tr.total_steps:
+        return {"status": "stopped", "steps": summary.steps}
+    barrier()
+    if not tr.dist.is_main:
+        return {"status": "done", "rank": tr.dist.rank}
+    with torch.no_grad():
+        metrics, provenance = evaluate_trained(tr)
+    append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
+                                     "split": provenance["split"], **metrics})
+    result = {
+        **identity, "config_hash": tr.config_hash, "status": "done", "metrics": metrics,
+        "provenance": provenance, "train_steps": summary.steps,
+        "resumed_from": summary.resumed_from, "first_losses": summary.first_losses,
+        "last_losses": summary.last_losses, "wall_s": time.time() - t0,
+    }
+    write_json_atomic(run_dir / RESULT, result)
+    (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    return result

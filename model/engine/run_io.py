@@ -1,0 +1,93 @@
+"""The run-directory contract read by results/ and the grid status view.
+
+``<run_dir>/``: ``config.yaml`` (resolved config), ``meta.json`` (identity and environment),
+``metrics.jsonl`` (append-only: one JSON object per logged train step or evaluation),
+``checkpoint.pt`` (latest full checkpoint), ``result.json`` + ``DONE`` when finished,
+``FAILED`` (error summary and traceback tail) when the run raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DONE, FAILED, RESULT, METRICS, META, CONFIG = (
+    "DONE", "FAILED", "result.json", "metrics.jsonl", "meta.json", "config.yaml")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line per record; ``flush`` + ``fsync`` so a killed job leaves complete lines only."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def git_revision(repo: Path | None = None) -> tuple[str, bool]:
+    """(commit sha or 'unknown', dirty flag) of the code that runs."""
+    cwd = repo or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=cwd, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return sha, dirty
+
+
+def environment() -> dict[str, Any]:
+    """Software and device facts recorded with every run and benchmark."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host_cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    for pkg in ("transformers", "timm", "torchvision"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except ImportError:
+            env[pkg] = None
+    return env
+
+
+def write_meta(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Write meta.json once, at the run's first start (kept across resumes)."""
+    path = run_dir / META
+    if path.exists():
+        return
+    sha, dirty = git_revision()
+    write_json_atomic(path, {**identity, "git_sha": sha, "git_dirty": dirty,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "env": environment()})
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def run_status(run_dir: Path) -> str:
+    """done / failed / running (a run dir without a terminal marker) / missing."""
+    if not run_dir.exists():
+        return "missing"
+    if (run_dir / DONE).exists():
+        return "done"
+    if (run_dir / FAILED).exists():
+        return "failed"
+    return "running"

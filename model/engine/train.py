@@ -1,0 +1,198 @@
+"""The training loop: ALBEF's schedule, alpha ramp, DDP, logging, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.build import build_objective
+from model.config.experiment import experiment_hash
+from model.config.loader import dump_yaml, to_dict
+from model.config.schema import ExperimentConfig, check_world_size
+from model.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from model.engine.data import (
+    DataSources,
+    TrainData,
+    build_tokenizer,
+    build_train_data,
+    resolve_sources,
+    special_ids,
+)
+from model.engine.distributed import DistInfo, init_distributed
+from model.engine.optim import alpha_at, build_optimizer, lr_at, set_lr
+from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
+from model.engine.step import move_batch, train_step
+from model.objective import Objective, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    resumed_from: int | None
+    last_losses: dict[str, float] = field(default_factory=dict)
+    first_losses: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """Everything a training run holds; built by :func:`setup`, driven by :func:`train`."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    dist: DistInfo
+    sources: DataSources
+    data: TrainData
+    objective: Objective
+    model: torch.nn.Module  # the objective or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    config_hash: str
+    resumed_from: int | None
+
+    @property
+    def total_steps(self) -> int:
+        full = self.cfg.train.epochs * self.data.sampler.batches_per_epoch
+        return min(full, self.cfg.train.max_steps or full)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
+          identity: dict[str, Any] | None = None, force_resume: bool = False) -> Trainer:
+    """Build data, objective and optimizer; resume from ``run_dir`` if it holds a checkpoint."""
+    dist_info = init_distributed(device)
+    check_world_size(cfg, dist_info.world_size)
+    seed_everything(cfg.train.seed + dist_info.rank)  # ALBEF seeds with seed + rank
+    run_dir.mkdir(parents=True, exist_ok=True)
+    chash = experiment_hash(cfg)
+    if dist_info.is_main:
+        dump_yaml(cfg, run_dir / CONFIG)
+        write_meta(run_dir, {"config_hash": chash, "world_size": dist_info.world_size,
+                             **(identity or {})})
+    sources = resolve_sources(cfg, dist_info)
+    tokenizer = build_tokenizer(sources)
+    data = build_train_data(cfg, sources, tokenizer, dist_info)
+    objective = build_objective(cfg, special_ids(tokenizer), seed=cfg.train.seed + dist_info.rank)
+    _load_initial_weights(cfg, objective)
+    objective.to(dist_info.device)
+    optimizer = build_optimizer(objective, cfg.train)
+    state = load_checkpoint(run_dir, objective, optimizer, chash, force=force_resume)
+    resumed_from = state.global_step if state else None
+    model: torch.nn.Module = objective
+    if dist_info.world_size > 1:
+        # Queues are all-gathered, so they agree across ranks by construction; broadcasting
+        # them every step (DDP's default) would move K x d floats per step for nothing.
+        model = DistributedDataParallel(
+            objective, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda"
+            else None, broadcast_buffers=False)
+    return Trainer(cfg, run_dir, dist_info, sources, data, objective, model, optimizer,
+                   state or TrainState(), chash, resumed_from)
+
+
+def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
+    """BERT / DeiT initial weights when the config names them (loud reports, see pretrained)."""
+    if cfg.model.text.init is None and cfg.model.vision.init is None:
+        return
+    from model.pretrained import load_bert_weights, load_vit_weights
+
+    if cfg.model.text.init is not None:
+        load_bert_weights(objective, cfg.model.text.init)
+    if cfg.model.vision.init is not None:
+        load_vit_weights(objective, cfg.model.vision.init)
+
+
+def _scalars(out: StepOutput) -> dict[str, float]:
+    """The one host sync of a logged step."""
+    values = {f"loss/{k}": float(v) for k, v in out.losses.items()}
+    values["loss/total"] = float(out.loss)
+    values.update({k: float(v) for k, v in out.stats.items()})
+    return values
+
+
+def _log_step(tr: Trainer, out: StepOutput, lr: float, alpha: float, t0: float,
+              data_wait: float, steps_in_window: int) -> dict[str, float]:
+    record = {"kind": "train", "step": tr.state.global_step, "epoch": tr.state.epoch,
+              "lr": lr, "alpha": alpha, "time_s": time.time() - t0,
+              "data_wait_s": data_wait / max(1, steps_in_window), **_scalars(out)}
+    if tr.dist.is_main:
+        append_jsonl(tr.run_dir / METRICS, record)
+    return record
+
+
+def _save(tr: Trainer) -> None:
+    if tr.dist.is_main:
+        save_checkpoint(tr.run_dir, tr.objective, tr.optimizer, tr.state, to_dict(tr.cfg),
+                        tr.config_hash)
+
+
+def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
+               stop_at: int) -> bool:
+    """Train until the epoch ends or ``stop_at`` steps are done; True when training must stop."""
+    cfg, st = tr.cfg, tr.state
+    per_epoch = tr.data.sampler.batches_per_epoch
+    tr.data.sampler.set_epoch(st.epoch, start_batch=st.batch)
+    tr.data.dataset.set_epoch(st.epoch)
+    wait, window, tick = 0.0, 0, time.perf_counter()
+    for batch in tr.data.loader:
+        wait += time.perf_counter() - tick
+        lr = lr_at(cfg.train, st.epoch, st.batch)
+        alpha = alpha_at(cfg.loss.alpha, cfg.loss.alpha_warmup, st.epoch, st.batch, per_epoch)
+        set_lr(tr.optimizer, lr)
+        out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), alpha,
+                         cfg.train.precision)
+        st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
+        bar.update(1)
+        if st.global_step % cfg.train.log_every == 0 or st.global_step == stop_at or \
+                not summary.first_losses:
+            rec = _log_step(tr, out, lr, alpha, t0, wait, window)
+            summary.first_losses = summary.first_losses or rec
+            summary.last_losses, wait, window = rec, 0.0, 0
+            bar.set_postfix(loss=f"{rec['loss/total']:.3f}")
+        if st.global_step % cfg.train.checkpoint_every == 0 and st.global_step < stop_at:
+            _save(tr)
+        if st.global_step >= stop_at:
+            return True
+        tick = time.perf_counter()
+    st.epoch, st.batch = st.epoch + 1, 0
+    return False
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, device: str | None = None,
+          identity: dict[str, Any] | None = None, stop_after: int | None = None,
+          progress: bool = True) -> tuple[TrainSummary, Trainer]:
+    """Train (or resume) ``cfg`` in ``run_dir``; returns the summary and the trainer state.
+
+    ``stop_after`` ends the run early after that many *global* steps without the final
+    checkpoint logic differing (used to test exact resume).
+    """
+    tr = setup(cfg, Path(run_dir), device, identity)
+    tr.model.train()
+    total = tr.total_steps if stop_after is None else min(stop_after, tr.total_steps)
+    summary = TrainSummary(tr.run_dir, tr.state.global_step, tr.resumed_from)
+    t0 = time.time()
+    bar = tqdm(total=total, initial=tr.state.global_step, disable=not (progress and
+               tr.dist.is_main), desc=f"train {tr.run_dir.name}", dynamic_ncols=True)
+    while tr.state.global_step < total and tr.state.epoch < cfg.train.epochs:
+        if _run_epoch(tr, summary, bar, t0, total):
+            break
+    bar.close()
+    _save(tr)
+    summary.steps, summary.wall_s = tr.state.global_step, time.time() - t0
+    return summary, tr

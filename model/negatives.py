@@ -1,0 +1,49 @@
+"""ALBEF's in-batch hard-negative sampling for ITM (albef-spec §2.2, pitfall 8)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def negative_weights(sim_batch: Tensor, idx: Tensor | None = None) -> Tensor:
+    """Sampling weights from the student's (B, B) batch logits.
+
+    Softmax over the batch columns, then zero the positives: the diagonal (pre-training) or
+    every column with the same image id (retrieval fine-tuning). Not renormalised: multinomial
+    sampling accepts unnormalised weights.
+    """
+    weights = F.softmax(sim_batch.float(), dim=1)
+    if idx is None:
+        weights.fill_diagonal_(0.0)
+    else:
+        weights.masked_fill_(idx.view(-1, 1) == idx.view(1, -1), 0.0)
+    return weights
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t_batch: Tensor,
+    sim_t2i_batch: Tensor,
+    generator: torch.Generator | None,
+    idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One negative per row: (negative image per text, negative text per image), both (B,).
+
+    Drawn t2i first, then i2t (ALBEF's order). Rows are sampled in one vectorised call.
+    """
+    w_t2i = negative_weights(sim_t2i_batch, idx)
+    w_i2t = negative_weights(sim_i2t_batch, idx)
+    # Only retrieval batches (several captions per image) can leave a row without negatives;
+    # the check syncs with the device, so the pre-training path skips it (diagonal-only zeroing
+    # with B >= 2 always leaves a candidate).
+    if idx is not None and bool((w_t2i.sum(1) == 0).any() | (w_i2t.sum(1) == 0).any()):
+        raise ValueError(
+            "a batch row has no valid negative (every other sample shares its image id); "
+            "use a larger batch or shuffle captions across images"
+        )
+    neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image, neg_text
