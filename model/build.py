@@ -29,7 +29,7 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
 
 def build_albef(cfg: ModelConfig, vocab_size: int, pad_id: int = 0, with_mlm: bool = True
                 ) -> ALBEF:
-    """ALBEF at any size from the config (random init; see model.weights for pretrained)."""
+    """ALBEF at any size from the config (random init; model.pretrained loads BERT / DeiT weights)."""
     v, t = cfg.vision, cfg.text
     bert_cfg = make_bert_config(vocab_size, t.hidden, t.heads, t.intermediate, t.max_positions,
                                 t.hidden_dropout, t.attn_dropout, pad_id)

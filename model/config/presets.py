@@ -15,7 +15,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {},
     "tiny": {
         "model": {
-            "vision": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 4, "heads": 2},
+            "vision": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 4, "heads": 2,
+                       "init": None},
             "text": {
                 "vocab_size": None,
                 "hidden": 64,
@@ -24,6 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "heads": 2,
                 "intermediate": 128,
                 "max_positions": 40,
+                "init": None,
             },
             "embed_dim": 32,
             "queue_size": 1024,
@@ -35,11 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "hflip": False,
             "num_workers": 1,
             "max_tokens": 25,
+            # 200 test images (1000 captions): chance R@1 is 0.5% / 0.1%.
+            "synthetic": {"n_train_images": 4000, "n_test_images": 200},
         },
         "train": {
             "batch_size": 32,
-            "epochs": 1,
-            "max_steps": 600,
+            "epochs": 4,
+            "max_steps": None,
             "lr": 5e-4,
             "min_lr": 5e-5,
             "warmup_lr": 5e-5,

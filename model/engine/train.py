@@ -82,8 +82,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     seed_everything(cfg.train.seed + dist_info.rank)  # ALBEF seeds with seed + rank
     run_dir.mkdir(parents=True, exist_ok=True)
     chash = experiment_hash(cfg)
-    if dist_info.is_main:
-        dump_yaml(cfg, run_dir / CONFIG)
+    if dist_info.is_main:  # write-once: a later (even a refused) resume never changes it
         write_meta(run_dir, {"config_hash": chash, "world_size": dist_info.world_size,
                              **(identity or {})})
     sources = resolve_sources(cfg, dist_info)
@@ -94,6 +93,10 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     objective.to(dist_info.device)
     optimizer = build_optimizer(objective, cfg.train)
     state = load_checkpoint(run_dir, objective, optimizer, chash, force=force_resume)
+    # Written only once the checkpoint (if any) is accepted: a resume refused for a different
+    # config hash must leave the run directory describing the checkpoint's experiment.
+    if dist_info.is_main:
+        dump_yaml(cfg, run_dir / CONFIG)
     resumed_from = state.global_step if state else None
     model: torch.nn.Module = objective
     if dist_info.world_size > 1:

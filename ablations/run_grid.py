@@ -1,0 +1,190 @@
+"""Run the paper's ablation grid and regenerate results/.
+
+With no arguments this is the embedded default: the ``tiny`` preset on the generated synthetic
+set, run locally (2 jobs at a time through submitit's local executor), then the tables and plots
+in results/ are regenerated. On a cluster::
+
+    python ablations/run_grid.py --cluster slurm --preset base --seeds 3
+
+submits one SLURM job array per resource tier (slurm/resources.yaml) and returns; run the same
+command with ``--collect-only`` (or add ``--wait``) to gather results. Every cell's config and
+data paths are validated before anything is submitted (``--dry-run`` stops there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ablations.grid import MATRIX_FILE, RunSpec, expand, plan_table
+from model.config.loader import ConfigError
+from model.engine.run_io import FAILED, run_status
+
+log = logging.getLogger("run_grid")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python ablations/run_grid.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matrix", type=Path, default=MATRIX_FILE, help="the ablation matrix YAML")
+    p.add_argument("--cluster", choices=("local", "debug", "slurm"), default="local",
+                   help="where jobs run; never auto-detected (default: local)")
+    p.add_argument("--preset", choices=("tiny", "base"), default="tiny")
+    p.add_argument("--only", nargs="+", default=[], metavar="CELL", help="run only these cells")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (0..N-1); default: 2 for tiny, the matrix's for base")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every cell (repeatable)")
+    p.add_argument("--max-parallel", type=int, default=None,
+                   help="jobs running at once (local default 2; SLURM array parallelism)")
+    p.add_argument("--tier", default=None, help="resource tier for every cell (default: the "
+                   "matrix's; 'cpu' for the tiny preset)")
+    p.add_argument("--runs-root", type=Path, default=Path("runs"), help="run directories root")
+    p.add_argument("--results-out", type=Path, default=REPO / "results",
+                   help="where tables and plots are regenerated")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every cell and data path, print the plan, run nothing")
+    p.add_argument("--wait", action="store_true", help="SLURM: wait for the jobs to finish")
+    p.add_argument("--collect-only", action="store_true",
+                   help="submit nothing; regenerate results/ from the run directories")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip opening every image file (annotation files are still checked)")
+    return p.parse_args(argv)
+
+
+def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]:
+    """Data paths of every distinct data config (synthetic data is generated, so skipped)."""
+    from model.data.preflight import preflight
+
+    errors, seen = [], set()
+    for s in specs:
+        d = s.config.data
+        key = (d.kind, d.train_files, d.image_root, d.eval_file)
+        if d.kind == "synthetic" or key in seen:
+            continue
+        seen.add(key)
+        files = [Path(f) for f in d.train_files] + ([Path(d.eval_file)] if d.eval_file else [])
+        missing = [f for f in files if not f.is_file()]
+        errors += [f"cell '{s.cell}': data file not found: {f} (data.train_files / "
+                   f"data.eval_file)" for f in missing]
+        if not Path(d.image_root).is_dir():
+            errors.append(f"cell '{s.cell}': data.image_root is not a directory: {d.image_root}")
+        if not missing and Path(d.image_root).is_dir():
+            report = preflight(files, Path(d.image_root), sample=decode_sample,
+                               decode=decode_sample != 0)
+            if not report.ok:
+                errors.append(f"cell '{s.cell}': data preflight failed:\n{report.to_markdown()}")
+    return errors
+
+
+def _tail(path: Path, n: int = 12) -> str:
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[:1] + ["..."] + lines[-n:]) if len(lines) > n + 1 else "\n".join(lines)
+
+
+def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) -> int:
+    from slurm.launch import run_local
+    from slurm.resources import load_tier
+
+    parallel = args.max_parallel or 2
+    # Split the machine's cores between the concurrent jobs (inherited by the subprocesses).
+    os.environ["SOFTMASK_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    failures = 0
+    bar = tqdm(total=len(todo), desc="grid", unit="run", dynamic_ncols=True)
+
+    def on_done(sub, exc):
+        nonlocal failures
+        bar.update(1)
+        if exc is not None or run_status(sub.spec.run_dir) != "done":
+            failures += 1
+            failed = sub.spec.run_dir / FAILED
+            detail = _tail(failed) if failed.exists() else str(exc)
+            tqdm.write(f"FAILED {sub.spec.run_id}:\n{detail}")
+        else:
+            tqdm.write(f"done   {sub.spec.run_id}")
+
+    run_local(todo, args.cluster, parallel, load_tier(tier_name), on_done)
+    bar.close()
+    return failures
+
+
+def _submit_slurm(todo: list[RunSpec], args: argparse.Namespace) -> int:
+    from slurm.launch import submit_slurm
+    from slurm.resources import load_tier
+
+    override = load_tier(args.tier) if args.tier else None
+    subs = submit_slurm(todo, args.max_parallel, override)
+    for s in subs:
+        print(f"submitted {s.spec.run_id} as job {s.job.job_id}")
+    if not args.wait:
+        print("jobs are queued; run again with --collect-only (or --wait) to gather results")
+        return 0
+    import submitit
+
+    failures = 0
+    for job in tqdm(submitit.helpers.as_completed([s.job for s in subs]), total=len(subs),
+                    desc="grid"):
+        if job.exception() is not None:
+            failures += 1
+    return failures
+
+
+def regenerate_results(args: argparse.Namespace, grid: str) -> int:
+    from results.__main__ import main as results_main
+
+    out = args.results_out
+    return results_main(["--runs", str(args.runs_root), "--grid", grid, "--out",
+                         str(out / "generated"), "--raw-dir", str(out / "raw"),
+                         "--preset", args.preset])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    seeds = range(args.seeds) if args.seeds is not None else (range(2) if args.preset == "tiny"
+                                                             else None)
+    tier = args.tier or ("cpu" if args.preset == "tiny" else None)
+    sets = list(args.sets)
+    try:
+        specs = expand(args.matrix, args.preset, seeds, args.only, sets, args.runs_root)
+        if tier:
+            specs = [RunSpec(s.grid, s.cell, s.seed, s.config, s.config_hash, s.run_dir, tier,
+                             s.preset) for s in specs]
+        errors = [] if args.collect_only else check_data(specs, None if not args.no_preflight
+                                                         else 0)
+    except ConfigError as exc:
+        print(f"error: invalid grid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if errors:
+        print("error: data checks failed:\n" + "\n".join(errors), file=sys.stderr)
+        return 2
+    plan = plan_table(specs)
+    print(plan.drop(columns=["run_dir"]).to_markdown(index=False))
+    if args.dry_run:
+        print(f"\ndry run: {len(specs)} runs validated, nothing submitted")
+        return 0
+    todo = [s for s in specs if run_status(s.run_dir) != "done"]
+    failures, t0 = 0, time.time()
+    if todo and not args.collect_only:
+        print(f"\n{len(todo)} runs to do ({len(specs) - len(todo)} already done)")
+        if args.cluster == "slurm":
+            failures = _submit_slurm(todo, args)
+            if not args.wait:
+                return 0
+        else:
+            failures = _run_local(todo, args, tier or specs[0].tier)
+        print(f"grid finished in {time.time() - t0:.0f} s with {failures} failed run(s)")
+    rc = regenerate_results(args, specs[0].grid)
+    return 1 if (failures or rc) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

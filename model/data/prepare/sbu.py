@@ -1,0 +1,215 @@
+"""SBU Captions → pre-training captions, keeping only images that were downloaded.
+
+Inputs: the two line-aligned text files of the SBU release,
+``SBU_captioned_photo_dataset_urls.txt`` (one Flickr URL per line) and
+``SBU_captioned_photo_dataset_captions.txt`` (the caption of the same line), plus the directory
+the images were downloaded into. Images may sit in sub-folders; how a file maps to a line is
+chosen with ``--naming``:
+
+* ``basename`` (default): the file is named like the URL's last path component
+  (``http://static.flickr.com/2723/4385058960_b0f291553e.jpg`` → ``4385058960_b0f291553e.jpg``);
+* ``index``: the file stem is the line number, counted from ``--index-base`` (default 0), with
+  any zero padding (``0000123.jpg``, ``123.png``, ``00/0000123.jpg``).
+
+Output: ``--out`` (e.g. ``sbu.json``), ``[{"image": relative path, "caption": str}, ...]`` in line
+order. Line terminators and surrounding spaces are stripped from captions (they belong to the
+text-file format, not to the caption); nothing else is changed unless ``--clean-captions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from model.data.prepare import (
+    OutputCount,
+    PrepareError,
+    PrepareSummary,
+    add_common_arguments,
+    caption_transform,
+    join_image_path,
+    paper_comparison,
+    parse_index_stem,
+    progress,
+    progress_flag,
+    read_text_lines,
+    scan_images,
+    write_json_list,
+)
+
+logger = logging.getLogger(__name__)
+
+NAMINGS = ("basename", "index")
+
+
+def url_basename(url: str) -> str:
+    """The last path component of a URL (query and fragment ignored)."""
+    return urlsplit(url.strip()).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def index_downloads(
+    images_dir: Path, naming: str, show_progress: bool | None = None
+) -> tuple[dict[str | int, str], int]:
+    """Map each downloaded file to its lookup key (file name or line index).
+
+    Returns:
+        ``(key → path relative to images_dir, number of ignored duplicate keys)``. With
+        duplicates the first path in sorted order wins, so reruns pick the same file.
+    """
+    found: dict[str | int, str] = {}
+    duplicates = 0
+    for relative in scan_images(images_dir, show_progress):
+        key: str | int | None
+        key = relative.rsplit("/", 1)[-1] if naming == "basename" else parse_index_stem(relative)
+        if key is None:
+            continue
+        if key in found:
+            duplicates += 1
+            logger.debug("duplicate download %s (keeping %s)", relative, found[key])
+            continue
+        found[key] = relative
+    return found, duplicates
+
+
+def read_aligned(urls: Path, captions: Path) -> tuple[list[str], list[str]]:
+    """Read the URL and caption files and check that they have the same number of lines."""
+    url_lines = read_text_lines(urls, "SBU URL file")
+    caption_lines = read_text_lines(captions, "SBU caption file")
+    if len(url_lines) != len(caption_lines):
+        raise PrepareError(
+            f"SBU files are not line-aligned: {urls} has {len(url_lines)} lines, "
+            f"{captions} has {len(caption_lines)} (expected the same number)"
+        )
+    return url_lines, caption_lines
+
+
+def build_entries(
+    url_lines: Sequence[str],
+    caption_lines: Sequence[str],
+    downloads: dict[str | int, str],
+    naming: str,
+    index_base: int,
+    transform: Callable[[str], str],
+    prefix: str,
+    show_progress: bool | None = None,
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Pair each line with its downloaded image; count lines without image or caption."""
+    entries: list[dict[str, str]] = []
+    stats = {"rows": len(url_lines), "rows_without_image": 0, "skipped_empty_captions": 0}
+    rows = progress(enumerate(url_lines), "SBU rows", len(url_lines), show_progress)
+    for line, url in rows:
+        key = url_basename(url) if naming == "basename" else line + index_base
+        relative = downloads.get(key)
+        if relative is None:
+            stats["rows_without_image"] += 1
+            continue
+        caption = transform(caption_lines[line].strip())
+        if not caption.strip():
+            stats["skipped_empty_captions"] += 1
+            continue
+        entries.append({"image": join_image_path(prefix, relative), "caption": caption})
+    return entries, stats
+
+
+def prepare_sbu(
+    urls: Path,
+    captions: Path,
+    images_dir: Path,
+    out: Path,
+    naming: str = "basename",
+    index_base: int = 0,
+    image_prefix: str = "",
+    clean_captions: bool = False,
+    max_words: int = 30,
+    show_progress: bool | None = None,
+) -> PrepareSummary:
+    """Convert SBU Captions (text files + downloaded images) into a pre-training caption file.
+
+    Args:
+        urls: ``SBU_captioned_photo_dataset_urls.txt``.
+        captions: ``SBU_captioned_photo_dataset_captions.txt``.
+        images_dir: Directory holding the downloaded images (sub-folders allowed).
+        out: Output JSON path (e.g. ``sbu.json``).
+        naming: ``"basename"`` (file named like the URL) or ``"index"`` (file stem = line number).
+        index_base: Line number of the first line for ``naming="index"`` (0 or 1).
+        image_prefix: Prefix for every written image path (e.g. ``"sbu/"``).
+        clean_captions: Apply ALBEF's ``pre_caption`` now instead of at load time.
+        max_words: Word limit for ``clean_captions``.
+        show_progress: Force progress bars on/off (None: only on a terminal).
+    """
+    if naming not in NAMINGS:
+        raise PrepareError(f"SBU naming must be one of {NAMINGS}, got {naming!r}")
+    transform = caption_transform(clean_captions, max_words)
+    url_lines, caption_lines = read_aligned(urls, captions)
+    downloads, duplicates = index_downloads(images_dir, naming, show_progress)
+    entries, stats = build_entries(
+        url_lines,
+        caption_lines,
+        downloads,
+        naming,
+        index_base,
+        transform,
+        image_prefix,
+        show_progress,
+    )
+    stats["rows_with_image"] = stats["rows"] - stats["rows_without_image"]
+    stats["image_files_found"] = len(downloads)
+    stats["duplicate_image_names_ignored"] = duplicates
+    write_json_list(out, entries)
+    n_images = len({entry["image"] for entry in entries})
+    summary = PrepareSummary("sbu", stats=stats)
+    summary.outputs.append(OutputCount("pretrain", out, len(entries), n_images, len(entries)))
+    summary.notes.append(paper_comparison("sbu", n_images, len(entries)))
+    if not entries:
+        summary.notes.append(
+            f"no line matched a file in {images_dir}; check --naming ({naming}) and --index-base"
+        )
+    return summary
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``sbu`` on the ``python -m model.data.prepare`` command line."""
+    parser = subparsers.add_parser(
+        "sbu",
+        help="SBU Captions (url + caption text files, downloaded images) -> sbu.json",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--urls", type=Path, required=True, help="SBU_captioned_photo_dataset_urls.txt"
+    )
+    parser.add_argument(
+        "--captions", type=Path, required=True, help="SBU_captioned_photo_dataset_captions.txt"
+    )
+    parser.add_argument("--images", type=Path, required=True, help="directory of downloaded images")
+    parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. sbu.json")
+    parser.add_argument(
+        "--naming",
+        choices=NAMINGS,
+        default="basename",
+        help="how image files are named: like the URL's basename, or by line index",
+    )
+    parser.add_argument(
+        "--index-base", type=int, default=0, help="number of the first line for --naming index"
+    )
+    add_common_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> PrepareSummary:
+    """Run the ``sbu`` subcommand."""
+    return prepare_sbu(
+        urls=args.urls,
+        captions=args.captions,
+        images_dir=args.images,
+        out=args.out,
+        naming=args.naming,
+        index_base=args.index_base,
+        image_prefix=args.image_prefix,
+        clean_captions=args.clean_captions,
+        max_words=args.max_words,
+        show_progress=progress_flag(args),
+    )

@@ -1,0 +1,419 @@
+"""Paper-style ablation tables (Markdown, LaTeX, CSV) from a collected run frame.
+
+Table layouts live in ``table_specs.yaml`` and the paper's numbers in ``paper_numbers.yaml``.
+Our numbers are mean ± std over the finished seeds, always with n; cells without a finished
+run show "—" and a status. Paper numbers sit in separate, explicitly labelled columns: they are
+quoted (COCO 5K fine-tuned, 4M-image pretraining), never produced by this harness.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from results.collect import select_runs
+
+logger = logging.getLogger(__name__)
+
+SPECS_PATH = Path(__file__).with_name("table_specs.yaml")
+PAPER_PATH = Path(__file__).with_name("paper_numbers.yaml")
+DASH = "—"
+CHECK = "✓"
+# Unicode used in display strings and its LaTeX form (applied after pandas' LaTeX escaping).
+_LATEX_SYMBOLS = {"±": r"$\pm$", DASH: "---", CHECK: r"\checkmark", "Δ": r"$\Delta$"}
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row: the run cell it reads, its display label and its checkmarks."""
+
+    cell: str
+    label: str | None
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Layout of one paper table (see table_specs.yaml)."""
+
+    name: str
+    title: str
+    rows: tuple[RowSpec, ...]
+    reference: str
+    flags: tuple[str, ...] = ()
+    label_header: str | None = None
+    metrics: dict[str, list[str]] | None = None
+    paper_metrics: tuple[str, ...] = ("TR@1", "IR@1")
+    decimals: int = 2
+
+    @property
+    def cells(self) -> list[str]:
+        """Cells of the rows, in table order."""
+        return [row.cell for row in self.rows]
+
+    def metrics_for(self, preset: str | None) -> list[str]:
+        """Our metric columns for a preset; the paper's metrics if the preset is unknown."""
+        return list((self.metrics or {}).get(preset or "", self.paper_metrics))
+
+    def row_label(self, cell: str) -> str:
+        """Display name of a cell's row (its label, or the cell name)."""
+        return next((r.label or r.cell for r in self.rows if r.cell == cell), cell)
+
+
+@dataclass(frozen=True)
+class Specs:
+    """All table specs plus the preset -> dataset description map."""
+
+    tables: dict[str, TableSpec]
+    datasets: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """Quoted numbers: ``tables[table][cell][metric]``, with their source and setting."""
+
+    source: str
+    setting: str
+    tables: dict[str, dict[str, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TableContext:
+    """What our numbers in a table are: preset, dataset description, requested seeds."""
+
+    preset: str | None
+    dataset: str
+    seeds: tuple[int, ...]
+    eval_note: str
+
+
+@dataclass(frozen=True)
+class TableResult:
+    """A rendered table: numeric summary (the CSV) and its Markdown and LaTeX forms."""
+
+    spec: TableSpec
+    context: TableContext
+    summary: pd.DataFrame
+    caption: str
+    markdown: str
+    latex: str
+
+
+def load_specs(path: Path = SPECS_PATH) -> Specs:
+    """Parse table_specs.yaml into :class:`Specs`."""
+    raw = yaml.safe_load(Path(path).read_text())
+    defaults = raw.get("defaults", {})
+    tables = {}
+    for name, body in raw["tables"].items():
+        rows = tuple(
+            RowSpec(r["cell"], r.get("label"), tuple(r.get("flags", []))) for r in body["rows"]
+        )
+        if body["reference"] not in [r.cell for r in rows]:
+            raise ValueError(
+                f"{path}: table {name!r} reference {body['reference']!r} is not one of its rows"
+            )
+        tables[name] = TableSpec(
+            name=name,
+            title=body.get("title", name),
+            rows=rows,
+            reference=body["reference"],
+            flags=tuple(body.get("flags", [])),
+            label_header=body.get("label_header"),
+            metrics=body.get("metrics", defaults.get("metrics")),
+            paper_metrics=tuple(body.get("paper_metrics", defaults.get("paper_metrics", []))),
+            decimals=int(body.get("decimals", defaults.get("decimals", 2))),
+        )
+    return Specs(tables=tables, datasets=dict(raw.get("datasets", {})))
+
+
+def load_paper(path: Path = PAPER_PATH) -> PaperNumbers:
+    """Parse paper_numbers.yaml into :class:`PaperNumbers`."""
+    raw = yaml.safe_load(Path(path).read_text())
+    return PaperNumbers(source=raw["source"], setting=raw["setting"], tables=raw["tables"])
+
+
+def table_context(frame: pd.DataFrame, spec: TableSpec, datasets: dict[str, str]) -> TableContext:
+    """Check the table's runs share one preset and describe what they measured.
+
+    Raises:
+        ValueError: if runs of different presets would land in one table.
+    """
+    rows = frame[frame["cell"].isin(spec.cells)]
+    runs = rows[rows["status"] != "missing"].drop_duplicates(["cell", "seed"])
+    presets = sorted(p for p in runs["preset"].dropna().unique())
+    if len(presets) > 1:
+        which = {
+            p: sorted(f"{c} s{s}" for c, s in zip(g["cell"], g["seed"], strict=True))
+            for p, g in runs.groupby("preset")
+        }
+        raise ValueError(
+            f"table {spec.name!r} would mix presets {presets}: {which}; "
+            f"filter to one preset (--preset)"
+        )
+    preset = presets[0] if presets else None
+    done = runs[runs["status"] == "done"]
+    evals = {
+        f"{s} split, {int(i)} images / {int(t)} texts"
+        for s, i, t in zip(done["split"], done["n_images"], done["n_texts"], strict=True)
+        if not (pd.isna(s) or pd.isna(i) or pd.isna(t))
+    }
+    if len(evals) > 1:
+        logger.warning("table %s: runs were evaluated differently: %s", spec.name, sorted(evals))
+    return TableContext(
+        preset=preset,
+        dataset=datasets.get(preset or "", preset or "unknown"),
+        seeds=tuple(sorted(int(s) for s in rows["seed"].unique())),
+        eval_note="; ".join(sorted(evals)) if evals else "",
+    )
+
+
+def _status_text(statuses: dict[int, str]) -> str:
+    """'done' when every requested seed finished, else which seeds are in which state."""
+    kinds = set(statuses.values())
+    if len(kinds) <= 1:
+        return kinds.pop() if kinds else "missing"
+    parts = [
+        f"{kind}: " + ",".join(f"s{s}" for s, k in sorted(statuses.items()) if k == kind)
+        for kind in ("done", "failed", "running", "missing")
+        if kind in kinds
+    ]
+    return "; ".join(parts)
+
+
+def _cell_row(frame: pd.DataFrame, cell: str, metrics: list[str]) -> dict[str, Any]:
+    """Mean, sample std and n over the finished seeds of one cell, per metric."""
+    rows = frame[frame["cell"] == cell]
+    statuses = dict(zip(rows["seed"].astype(int), rows["status"], strict=True))
+    done = rows[rows["status"] == "done"]
+    status = _status_text(statuses)
+    hashes = sorted(done["config_hash"].dropna().unique())
+    if len(hashes) > 1:
+        # Seeds of one row should share a config; a partial rerun after a config change
+        # would otherwise be averaged with stale seeds unnoticed.
+        logger.warning("cell %s averages seeds of different configs: %s", cell, hashes)
+        status += " (mixed configs: " + ",".join(hashes) + ")"
+    out: dict[str, Any] = {
+        "status": status,
+        "n_expected": len(statuses),
+        "n_done": int(done["seed"].nunique()),
+    }
+    for metric in metrics:
+        values = done.loc[done["metric"] == metric, "value"].dropna().to_numpy(dtype=float)
+        out[f"{metric}:mean"] = float(values.mean()) if len(values) else np.nan
+        # Sample std (ddof=1) estimates the seed-to-seed spread; undefined for one seed.
+        out[f"{metric}:std"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
+        out[f"{metric}:n"] = len(values)
+    return out
+
+
+def summarise(
+    frame: pd.DataFrame, spec: TableSpec, paper: PaperNumbers, preset: str | None
+) -> pd.DataFrame:
+    """Numeric table: one row per spec row with our stats, Δ vs the reference and paper numbers.
+
+    Columns: cell, label, one bool per flag, status, n_expected, n_done, then per metric
+    ``<m>:mean``, ``<m>:std``, ``<m>:n``, ``<m>:delta`` and per paper metric ``paper:<m>``.
+    """
+    metrics = spec.metrics_for(preset)
+    quoted = paper.tables.get(spec.name, {})
+    rows = []
+    for row in spec.rows:
+        flags = {flag: flag in row.flags for flag in spec.flags}
+        stats = _cell_row(frame, row.cell, metrics)
+        numbers = {
+            f"paper:{m}": float(quoted.get(row.cell, {}).get(m, np.nan)) for m in spec.paper_metrics
+        }
+        rows.append({"cell": row.cell, "label": row.label or row.cell, **flags, **stats, **numbers})
+    table = pd.DataFrame(rows)
+    ref = table.loc[table["cell"] == spec.reference].iloc[0]
+    for metric in metrics:
+        # Difference of means; NaN whenever either side has no finished seed.
+        table[f"{metric}:delta"] = table[f"{metric}:mean"] - ref[f"{metric}:mean"]
+    order = ["cell", "label", *spec.flags, "status", "n_expected", "n_done"]
+    order += [f"{m}:{s}" for m in metrics for s in ("mean", "std", "n", "delta")]
+    return table[order + [f"paper:{m}" for m in spec.paper_metrics]]
+
+
+def _fmt_stat(mean: float, std: float, n: int, dec: int) -> str:
+    """'12.30 ± 0.40 (n=3)'; no ± for a single seed; '—' without data."""
+    if n == 0 or np.isnan(mean):
+        return DASH
+    if n == 1 or np.isnan(std):
+        return f"{mean:.{dec}f} (n={n})"
+    return f"{mean:.{dec}f} ± {std:.{dec}f} (n={n})"
+
+
+def _best_mask(values: pd.Series, dec: int) -> pd.Series:
+    """Rows holding the best (highest) value as displayed; ties are all marked."""
+    shown = values.round(dec)
+    return shown == shown.max() if shown.notna().any() else pd.Series(False, index=values.index)
+
+
+def display_frame(
+    summary: pd.DataFrame, spec: TableSpec, ctx: TableContext, paper: PaperNumbers
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Display strings (unicode, no markup) and a same-shape bool frame marking bold cells."""
+    dec, metrics = spec.decimals, spec.metrics_for(ctx.preset)
+    ref = spec.row_label(spec.reference)
+    cols: dict[str, pd.Series] = {}
+    bold: dict[str, pd.Series] = {}
+    if spec.label_header:
+        cols[spec.label_header] = summary["label"]
+    cols["cell"] = summary["cell"]
+    for flag in spec.flags:
+        cols[flag] = summary[flag].map({True: CHECK, False: ""})
+    for m in metrics:
+        header = f"ours {m} ({ctx.dataset})"
+        cols[header] = pd.Series(
+            [
+                _fmt_stat(mu, sd, n, dec)
+                for mu, sd, n in zip(
+                    summary[f"{m}:mean"], summary[f"{m}:std"], summary[f"{m}:n"], strict=True
+                )
+            ]
+        )
+        bold[header] = _best_mask(summary[f"{m}:mean"], dec)
+    for m in metrics:
+        cols[f"Δ {m} vs {ref}"] = pd.Series(
+            [
+                "ref" if cell == spec.reference else DASH if np.isnan(d) else f"{d:+.{dec}f}"
+                for cell, d in zip(summary["cell"], summary[f"{m}:delta"], strict=True)
+            ]
+        )
+    cols["status"] = summary["status"]
+    for m in spec.paper_metrics:
+        header = f"paper {m} ({paper.setting})"
+        cols[header] = summary[f"paper:{m}"].map(lambda v: DASH if np.isnan(v) else f"{v:.{dec}f}")
+        bold[header] = _best_mask(summary[f"paper:{m}"], dec)
+    shown = pd.DataFrame(cols)
+    mask = pd.DataFrame({c: bold.get(c, pd.Series(False, index=shown.index)) for c in shown})
+    return shown, mask.astype(bool)
+
+
+def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers) -> str:
+    """One-line caption: dataset, preset, seeds, and that paper columns are quoted."""
+    seeds = ",".join(str(s) for s in ctx.seeds) or "none"
+    evaluated = f" ({ctx.eval_note})" if ctx.eval_note else ""
+    return (
+        f"{spec.title}. Ours: {ctx.dataset}{evaluated}, preset "
+        f"{ctx.preset or 'unknown'}, {len(ctx.seeds)} seed(s) requested ({seeds}); "
+        f"mean ± std over finished seeds with n, metrics in %, Δ vs "
+        f"{spec.row_label(spec.reference)}, best per column in bold. Paper columns are "
+        f"quoted, not reproduced ({paper.source})."
+    )
+
+
+def to_markdown(shown: pd.DataFrame, mask: pd.DataFrame, caption: str) -> str:
+    """Markdown table via DataFrame.to_markdown with **bold** best cells and a caption line."""
+    marked = shown.mask(mask & shown.ne(DASH), "**" + shown + "**")
+    # disable_numparse keeps our strings (e.g. "76.10", "+0.40") exactly as formatted.
+    table = marked.to_markdown(index=False, disable_numparse=True)
+    return f"*{caption}*\n\n{table}\n"
+
+
+def _latex_symbols(text: str) -> str:
+    """Replace the unicode symbols of our display strings by LaTeX (after escaping)."""
+    for symbol, latex in _LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials in free text (used for the caption)."""
+    return _latex_symbols("".join(_LATEX_SPECIALS.get(ch, ch) for ch in text))
+
+
+def to_latex(shown: pd.DataFrame, mask: pd.DataFrame, caption: str, label: str) -> str:
+    """LaTeX table via Styler.to_latex (booktabs rules, \\textbf on the best cells)."""
+    styler = shown.style.hide(axis="index")
+    styler = styler.format(_latex_symbols, escape="latex")
+    styler = styler.format_index(_latex_symbols, escape="latex", axis=1)
+    styler = styler.apply(lambda _: mask.map(lambda b: "textbf: --rwrap;" if b else ""), axis=None)
+    align = "".join("c" if set(shown[c]) <= {CHECK, ""} else "l" for c in shown)
+    body = styler.to_latex(
+        column_format=align,
+        hrules=True,
+        position_float="centering",
+        caption=latex_escape(caption),
+        label=f"tab:{label}",
+    )
+    return "% needs \\usepackage{booktabs,amssymb}\n" + body
+
+
+def build_table(
+    frame: pd.DataFrame, spec: TableSpec, specs: Specs, paper: PaperNumbers
+) -> TableResult:
+    """Summarise and render one table, warning about every cell/seed without a finished run."""
+    ctx = table_context(frame, spec, specs.datasets)
+    summary = summarise(frame, spec, paper, ctx.preset)
+    rows = frame[frame["cell"].isin(spec.cells) & (frame["status"] != "done")]
+    gaps = rows.drop_duplicates(["cell", "seed"])
+    if not gaps.empty:
+        listed = ", ".join(
+            f"{c} s{s} ({st})"
+            for c, s, st in zip(gaps["cell"], gaps["seed"], gaps["status"], strict=True)
+        )
+        logger.warning("table %s: no finished run for %s", spec.name, listed)
+    shown, mask = display_frame(summary, spec, ctx, paper)
+    caption = caption_text(spec, ctx, paper)
+    return TableResult(
+        spec=spec,
+        context=ctx,
+        summary=summary,
+        caption=caption,
+        markdown=to_markdown(shown, mask, caption),
+        latex=to_latex(shown, mask, caption, spec.name),
+    )
+
+
+def build_tables(
+    frame: pd.DataFrame, specs: Specs | None = None, paper: PaperNumbers | None = None
+) -> dict[str, TableResult]:
+    """Every table of the specs from one collected frame (shared cells are read once)."""
+    specs = specs or load_specs()
+    paper = paper or load_paper()
+    cells = [cell for spec in specs.tables.values() for cell in spec.cells]
+    # Every table cell gets a row per seed (as "missing" if it never ran), whoever built frame.
+    frame = select_runs(frame, cells=cells)
+    return {name: build_table(frame, spec, specs, paper) for name, spec in specs.tables.items()}
+
+
+def write_table(result: TableResult, out_dir: Path) -> list[Path]:
+    """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = result.spec.name
+    paths = [out_dir / f"{name}.md", out_dir / f"{name}.tex", out_dir / f"{name}.csv"]
+    paths[0].write_text(result.markdown)
+    paths[1].write_text(result.latex)
+    result.summary.to_csv(paths[2], index=False)
+    return paths
+
+
+def write_summary(results: dict[str, TableResult], path: Path, paper: PaperNumbers) -> Path:
+    """Concatenate every table's Markdown under a heading (pasted into the README)."""
+    parts = [f"### {r.spec.title}\n\n{r.markdown}" for r in results.values()]
+    note = (
+        f"Paper columns: {paper.source}. Status lists seeds per state "
+        f'(done/failed/running/missing); "{DASH}" means no finished seed.\n'
+    )
+    Path(path).write_text("\n".join(parts) + "\n" + note)
+    return Path(path)

@@ -1,0 +1,47 @@
+"""The grid's job: one (cell, seed) run, requeued on preemption and resumed from disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import submitit
+
+from ablations.grid import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """Train + evaluate one run directory; lives in an importable module (submitit pickles it).
+
+    ``checkpoint`` saves nothing: it runs in task 0's signal handler, where a collective save
+    would deadlock and a mid-step save could be torn. The training loop writes atomic
+    checkpoints on its own cadence; a requeued job calls the same run directory again and
+    resumes from the last one (the run directory is keyed by config, not by job id).
+    """
+
+    def __call__(self, spec: RunSpec) -> dict[str, Any]:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from SLURM's variables.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # Local grids pass their per-job share of the cores; on SLURM, the task's allocation.
+        threads = int(os.environ.get("SOFTMASK_THREADS")
+                      or os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        log.info("cell %s seed %d -> %s (task %d/%d)", spec.cell, spec.seed, spec.run_dir,
+                 env.global_rank, env.num_tasks)
+        from model.engine.pipeline import run_cell
+
+        return run_cell(spec.config, spec.run_dir, identity=spec.identity(), progress=False)
+
+    def checkpoint(self, spec: RunSpec) -> submitit.helpers.DelayedSubmission:
+        log.info("preempted or timed out: requeueing %s", spec.run_id)
+        return submitit.helpers.DelayedSubmission(CellJob(), spec)

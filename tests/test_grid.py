@@ -1,0 +1,130 @@
+"""The ablation grid: matrix validation, dry runs, local execution, skip/resume, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tiny_grid_sets
+
+from ablations import run_grid
+from ablations.grid import MATRIX_FILE, expand, load_matrix
+
+PAPER_CELLS = {"albef", "softmask", "focal", "mmda", "softmask_focal", "softmask_mmda",
+               "focal_mmda", "full", "randmask_p03", "randmask_p05", "full_mlm"}
+
+
+def _copy_matrix(tmp_path: Path) -> Path:
+    dst = tmp_path / "ablations"
+    shutil.copytree(MATRIX_FILE.parent, dst, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return dst / "matrix.yaml"
+
+
+def test_matrix_names_every_paper_row_once() -> None:
+    matrix = load_matrix()
+    assert set(matrix.cells) == PAPER_CELLS
+    specs = expand(preset="tiny", seeds=[0])
+    # Shared rows are one cell: all configs are distinct.
+    assert len({s.config_hash for s in specs}) == len(PAPER_CELLS)
+    by_cell = {s.cell: s.config for s in specs}
+    assert by_cell["albef"].softmask.mode == "off" and by_cell["albef"].loss.focal_gamma == 0
+    assert not by_cell["albef"].mmda.enabled
+    full = by_cell["full"]
+    assert full.softmask.mode == "gradcam" and full.loss.focal_gamma > 0 and full.mmda.enabled
+    assert by_cell["randmask_p03"].softmask.random_p == 0.3
+    assert by_cell["full_mlm"].softmask.apply_to == "itm_mlm"
+
+
+def test_seeds_and_run_dirs_are_keyed_by_config(tmp_path: Path) -> None:
+    specs = expand(preset="tiny", seeds=[0, 1], only=["albef"], runs_root=tmp_path)
+    assert [s.seed for s in specs] == [0, 1]
+    assert specs[0].config.train.seed == 0 and specs[1].config.train.seed == 1
+    for s in specs:
+        assert s.run_dir.name == f"albef__s{s.seed}__{s.config_hash}"
+    again = expand(preset="tiny", seeds=[0, 1], only=["albef"], runs_root=tmp_path)
+    assert [s.run_dir for s in again] == [s.run_dir for s in specs]
+
+
+def test_dry_run_validates_all_cells(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = run_grid.main(["--dry-run", "--runs-root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "22 runs validated, nothing submitted" in out
+    assert not (tmp_path / "softmask_ablation").exists()
+
+
+def test_dry_run_rejects_misspelled_key_naming_file(capsys, tmp_path: Path) -> None:
+    matrix = _copy_matrix(tmp_path)
+    bad = matrix.parent / "overrides" / "focal.yaml"
+    bad.write_text("loss:\n  focal_gama: 2.0\n")
+    rc = run_grid.main(["--dry-run", "--matrix", str(matrix), "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(bad) in err and "loss.focal_gama" in err and "did you mean 'loss.focal_gamma'" in err
+
+
+def test_dry_run_rejects_unknown_set_key(capsys, tmp_path: Path) -> None:
+    rc = run_grid.main(["--dry-run", "--set", "train.lrr=1e-3", "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--set: unknown key 'train.lrr'" in err and "train.lr" in err
+
+
+def test_dry_run_rejects_missing_data_path(capsys, tmp_path: Path) -> None:
+    rc = run_grid.main(["--dry-run", "--preset", "base", "--seeds", "1", "--only", "albef",
+                        "--set", f"data.train_files=[{tmp_path}/nope.json]",
+                        "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{tmp_path}/nope.json" in err and "data.train_files" in err
+
+
+def test_dry_run_rejects_bad_matrix_key(capsys, tmp_path: Path) -> None:
+    matrix = _copy_matrix(tmp_path)
+    text = matrix.read_text().replace("seeds: [0, 1, 2]", "seed: [0, 1, 2]")
+    matrix.write_text(text)
+    rc = run_grid.main(["--dry-run", "--matrix", str(matrix)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(matrix) in err and "'seed'" in err and "seeds" in err
+
+
+def _grid_args(matrix: Path, runs: Path, out: Path, cache: Path, cells: list[str]) -> list[str]:
+    args = ["--matrix", str(matrix), "--only", *cells, "--seeds", "1", "--runs-root", str(runs),
+            "--results-out", str(out), "--max-parallel", "2"]
+    for item in tiny_grid_sets(cache):
+        args += ["--set", item]
+    return args
+
+
+@pytest.mark.slow
+def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
+                                                     synthetic_cache: Path) -> None:
+    matrix = _copy_matrix(tmp_path)
+    # One cell that passes validation but fails at run time (a batch larger than the data).
+    matrix.write_text(matrix.read_text() + "  broken: {overrides: [], set: "
+                      "{train.batch_size: 256, model.queue_size: 256}}\n")
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    rc = run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef", "full", "broken"]))
+    text_out = capsys.readouterr().out
+    assert rc == 1  # the broken cell failed ...
+    grid = runs / "softmask_ablation"
+    done = {p.parent.name.split("__")[0] for p in grid.glob("*/DONE")}
+    assert done == {"albef", "full"}  # ... and lost nobody else's results
+    failed = next(grid.glob("broken__*/FAILED")).read_text()
+    assert "smaller than one global batch" in failed
+    assert "FAILED broken" in text_out
+    result = json.loads(next(grid.glob("full__*/result.json")).read_text())
+    assert {"TR@1", "IR@1", "itc/TR@1", "comp/mean"} <= set(result["metrics"])
+    assert result["provenance"]["k_test"] == 8 and result["provenance"]["n_images"] == 16
+    table = (out / "generated" / "component_ablation.md").read_text()
+    assert "missing" in table  # cells never run are marked, not silently dropped
+    for name in ("component_ablation", "masking", "mlm"):
+        for ext in ("md", "tex", "csv", "png"):
+            assert (out / "generated" / f"{name}.{ext}").is_file()
+    # Re-running the finished cells submits nothing: they are skipped, not recomputed.
+    mtimes = {p: p.stat().st_mtime for p in grid.glob("*/result.json")}
+    rc = run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef", "full"]))
+    assert rc == 0
+    assert "runs to do" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime for p in grid.glob("*/result.json")} == mtimes
