@@ -27,9 +27,12 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     return cfg.text.vocab_size
 
 
-def build_albef(cfg: ModelConfig, vocab_size: int, pad_id: int = 0, with_mlm: bool = True
-                ) -> ALBEF:
-    """ALBEF at any size from the config (random init; model.pretrained loads BERT / DeiT weights)."""
+def build_albef(cfg: ModelConfig, vocab_size: int, pad_id: int = 0,
+                with_mlm: bool = True) -> ALBEF:
+    """ALBEF at any size from the config, randomly initialised.
+
+    model.pretrained loads BERT / DeiT weights; model.checkpoints loads whole checkpoints.
+    """
     v, t = cfg.vision, cfg.text
     bert_cfg = make_bert_config(vocab_size, t.hidden, t.heads, t.intermediate, t.max_positions,
                                 t.hidden_dropout, t.attn_dropout, pad_id)

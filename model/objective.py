@@ -203,13 +203,11 @@ class Objective(nn.Module):
                                      self.generator, pos_logits.device)
         assert cross_attn is not None
         maps = gradcam_maps(pos_logits, cross_attn, inp.attention_mask)
-        if s.softmask_word == "mean":
-            return soft_mask_from_maps(maps, None)
         labels = inp.labels if s.mmda_masked_text else None
-        words = choose_words(
-            real_word_mask(inp.student_ids, inp.attention_mask, self.special_ids, labels),
-            self.generator)
-        return soft_mask_from_maps(maps, words)
+        real = real_word_mask(inp.student_ids, inp.attention_mask, self.special_ids, labels)
+        if s.softmask_word == "mean":
+            return soft_mask_from_maps(maps, None, real)
+        return soft_mask_from_maps(maps, choose_words(real, self.generator))
 
     # ----------------------------------------------------------------------------- MLM
     def _mlm(self, img: ImageOutput, t_img: ImageOutput, inp: _Inputs, shared_hidden: Tensor,

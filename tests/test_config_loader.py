@@ -424,3 +424,11 @@ def test_known_keys_lists_every_dotted_leaf() -> None:
 def test_loader_does_not_import_torch() -> None:
     code = "import sys, model.config.loader; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_yaml_1_1_boolean_words_stay_strings(tmp_path) -> None:
+    """`mode: off` must reach a Literal["off", ...] field as the string, not as False."""
+    path = tmp_path / "switch.yaml"
+    path.write_text("mode: off\nother: yes\nflag: true\n")
+    assert load_yaml_file(path) == {"mode": "off", "other": "yes", "flag": True}
+    assert parse_dotlist(["a=on", "b=False"]) == {"a": "on", "b": False}

@@ -95,12 +95,18 @@ class _Dumper(yaml.SafeDumper):
     """Dumper whose resolvers match ``_Loader``, so strings like ``'1e-3'`` get quoted."""
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+# YAML 1.2 booleans only: YAML 1.1 also reads on/off/yes/no as booleans, so `mode: off` would
+# silently become False instead of the string the schema expects.
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
 for _cls in (_Loader, _Dumper):
     _cls.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != _TIMESTAMP_TAG]
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_TIMESTAMP_TAG, _BOOL_TAG)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     _cls.add_implicit_resolver(_FLOAT_TAG, _SCI_FLOAT, _SCI_FIRST)
+    _cls.add_implicit_resolver(_BOOL_TAG, _BOOL, list("tTfF"))
 
 
 def load_yaml_file(path: str | os.PathLike[str]) -> dict[str, Any]:

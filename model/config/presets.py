@@ -3,8 +3,8 @@
 ``base`` is the paper's setting (ViT-B/16 at 256 px, BERT-base 6 + 6, embed 256, queue 65536,
 30 epochs) and therefore empty: the schema *is* the paper. ``tiny`` runs on a 2-core CPU in
 minutes on the generated synthetic set; it keeps every structural feature (queue, momentum,
-hard negatives, 3 fusion layers with the Grad-CAM on the middle one, so that later layers mix word rows into the
-[CLS] the ITM head reads, as the paper's 3rd-of-6 layer does).
+hard negatives, 3 fusion layers with the Grad-CAM on the middle one, so that later layers mix
+word rows into the [CLS] the ITM head reads, as the paper's 3rd-of-6 layer does).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ class TextConfig:
     """BERT split into ``text_layers`` unimodal layers and ``fusion_layers`` cross-attention layers.
 
     ``init``: a local directory or hub name of a BERT checkpoint (``bert-base-uncased``);
-    ``None`` = BERT's random init. ``vocab_size = None`` takes the tokenizer's size (synthetic data);
+    ``None`` = BERT's random init. ``vocab_size = None`` takes the tokenizer's size (synthetic
+    data);
     a set value must equal the tokenizer's (checked when the model is built).
     """
 
@@ -112,7 +113,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("itc", "itm", "mlm"):
-            _check(getattr(self, name) >= 0, name, f"weight must be >= 0, got {getattr(self, name)}")
+            weight = getattr(self, name)
+            _check(weight >= 0, name, f"weight must be >= 0, got {weight}")
         _check(self.itc + self.itm + self.mlm > 0, "itc", "at least one loss weight must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(0.0 < self.mlm_prob < 1.0, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
@@ -207,6 +209,9 @@ class TrainConfig:
 
     The warm-up is ``warmup_steps`` plateaus of ``warmup_every`` iterations each (2000 iterations at
     the paper's 20 x 100); ``max_steps`` caps training (tiny runs are budgeted in steps).
+    ``mode = retrieval`` is ALBEF's retrieval fine-tuning (ITC with image-id targets + ITM, no MLM,
+    no temperature clamp). ``init_from``: a checkpoint to start from (ours, full or slim, or an
+    official ALBEF file; position embeddings are interpolated to the image size).
     """
 
     batch_size: int = 64
@@ -224,6 +229,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     mode: Literal["pretrain", "retrieval"] = "pretrain"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
@@ -257,6 +263,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(train_files=("coco.json",)))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Downstream protocols run after this config's training, in order (ablations/protocols.yaml),
+    # e.g. ("coco_finetune",): the paper's cells are pre-trained, then fine-tuned on COCO.
+    downstream: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         fusion = self.model.text.fusion_layers

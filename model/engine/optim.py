@@ -1,4 +1,7 @@
-"""ALBEF's optimiser groups, learning-rate schedule and alpha ramp (albef-spec §3, pitfalls 13-15)."""
+"""ALBEF's optimiser groups, learning-rate schedule and alpha ramp.
+
+See albef-spec §3 and pitfalls 13-15.
+"""
 
 from __future__ import annotations
 

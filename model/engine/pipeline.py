@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model.config.schema import ExperimentConfig
+from model.data.transforms import build_transform
 from model.engine.checkpoint import checkpoint_path
 from model.engine.compositional import compositional_accuracy, load_negative_items
 from model.engine.data import build_eval_dataset, build_tokenizer
@@ -24,7 +25,6 @@ from model.engine.distributed import barrier, cleanup_distributed
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.run_io import DONE, FAILED, METRICS, RESULT, append_jsonl, write_json_atomic
 from model.engine.train import Trainer, train
-from model.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 

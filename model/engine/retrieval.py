@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -189,8 +190,12 @@ class RetrievalFeatures:
 
 def feature_cache_key(checkpoint_hash: str, split: str, image_size: int,
                       max_length: int = EVAL_MAX_LENGTH) -> str:
-    """Identity of cached features: checkpoint, split, image size (and text length)."""
-    return f"{checkpoint_hash}_{split}_{image_size}px_L{max_length}"
+    """Identity of cached features: checkpoint, split, image size (and text length).
+
+    It also names the cache file, so characters outside ``[A-Za-z0-9._-]`` become ``-``.
+    """
+    key = f"{checkpoint_hash}_{split}_{image_size}px_L{max_length}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", key)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -326,9 +331,10 @@ def itm_match_logit(model: ALBEF, image_tokens: Tensor, text_states: Tensor,
 
 def _text_width(mask: Tensor, trim: bool) -> int:
     """Columns to keep: up to the last one any caption of the call attends to (or all)."""
-    if not trim:
+    attended = mask.any(dim=0).nonzero()
+    if not trim or attended.numel() == 0:
         return mask.shape[1]
-    return int(mask.any(dim=0).nonzero().max()) + 1
+    return int(attended.max()) + 1
 
 
 def _pair_scorers(model: ALBEF, f: RetrievalFeatures, trim: bool
@@ -384,6 +390,8 @@ def rerank_itm(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_test: i
         ``scores_i2t`` (N_img, N_txt) and ``scores_t2i`` (N_txt, N_img): raw ITM class-1 logits
         on each query's top-k cells, -100 everywhere else.
     """
+    if k_test < 1 or batch_size < 1:
+        raise ValueError(f"k_test and batch_size must be >= 1, got {k_test} and {batch_size}")
     i2t, t2i = _pair_scorers(model, features, trim_padding)
     with eval_mode(model):
         k = min(k_test, sim.shape[1])

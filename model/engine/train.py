@@ -110,7 +110,14 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
 
 
 def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
-    """BERT / DeiT initial weights when the config names them (loud reports, see pretrained)."""
+    """Initial weights: a whole checkpoint (``train.init_from``), else BERT / DeiT weights when
+    the config names them. Every load reports missing/unexpected keys loudly and fails on
+    anything not on the explicit allow-list (model/checkpoints.py)."""
+    if cfg.train.init_from is not None:
+        from model.checkpoints import load_albef_checkpoint
+
+        load_albef_checkpoint(objective, cfg.train.init_from)
+        return
     if cfg.model.text.init is None and cfg.model.vision.init is None:
         return
     from model.pretrained import load_bert_weights, load_vit_weights

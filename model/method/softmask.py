@@ -33,13 +33,22 @@ def choose_words(candidates: Tensor, generator: torch.Generator | None) -> Tenso
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def soft_mask_from_maps(maps: Tensor, words: Tensor | None) -> Tensor:
+def soft_mask_from_maps(maps: Tensor, words: Tensor | None, real: Tensor | None = None
+                        ) -> Tensor:
     """M_b = 1 - minmax(G_b[t_b])  -> (B, N) in [0, 1]; ``words=None`` averages over real words.
 
     maps: (B, L, N) Grad-CAM maps (padded rows already zero).
+    real: (B, L) bool candidates (``real_word_mask``) for ``words=None``; a row without any
+    falls back to the [CLS] map, as ``choose_words`` does. ``None``: every position is averaged.
     """
     if words is None:
-        chosen = maps.mean(dim=1)
+        if real is None:
+            chosen = maps.mean(dim=1)
+        else:
+            weights = real.to(maps.dtype)
+            empty = weights.sum(dim=1) == 0
+            weights[:, 0] = torch.where(empty, torch.ones_like(weights[:, 0]), weights[:, 0])
+            chosen = (maps * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
     else:
         chosen = maps[torch.arange(maps.shape[0], device=maps.device), words]
     return 1.0 - minmax_normalise(chosen)
