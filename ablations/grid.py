@@ -82,7 +82,12 @@ def _cell_config(matrix: MatrixFile, matrix_path: Path, name: str, preset: str,
                           inline=[(f"{matrix_path} cells.{name}.set", entry.set)],
                           base=root / matrix.base if matrix.base else None)
     cfg = replace_path(cfg, "data.cache_dir", str(Path(cfg.data.cache_dir).resolve()))
-    return replace_path(cfg, "train.seed", seed, source=f"{matrix_path} seeds")
+    cfg = replace_path(cfg, "train.seed", seed, source=f"{matrix_path} seeds")
+    if cfg.downstream:  # each fine-tuning / zero-shot stage's config must be valid too
+        from model.engine.protocol import validate_downstream
+
+        validate_downstream(cfg)
+    return cfg
 
 
 def expand(matrix_path: str | Path = MATRIX_FILE, preset: str = "tiny",

@@ -9,6 +9,8 @@ in results/ are regenerated. On a cluster::
 submits one SLURM job array per resource tier (slurm/resources.yaml) and returns; run the same
 command with ``--collect-only`` (or add ``--wait``) to gather results. Every cell's config and
 data paths are validated before anything is submitted (``--dry-run`` stops there).
+``--preflight-dist`` first checks the distributed layout with a short job on the grid's tier(s);
+``--status`` shows where every planned run stands (finished, running, failed with its log...).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="submit nothing; regenerate results/ from the run directories")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip opening every image file (annotation files are still checked)")
+    p.add_argument("--status", action="store_true",
+                   help="print the state of every planned run (run directories, submitit "
+                   "logs, sacct) and exit")
+    p.add_argument("--preflight-dist", action="store_true",
+                   help="run a short job per resource tier that checks the distributed layout "
+                   "(ranks, devices, rendezvous, collectives); exit 1 if any check fails")
     return p.parse_args(argv)
 
 
@@ -137,6 +145,35 @@ def _submit_slurm(todo: list[RunSpec], args: argparse.Namespace) -> int:
     return failures
 
 
+def _print_status(specs: list[RunSpec]) -> int:
+    from slurm.launch import grid_folder
+    from slurm.status import format_status, grid_status
+
+    print(format_status(grid_status(grid_folder(specs), specs=specs)))
+    return 0
+
+
+def _preflight_dist(specs: list[RunSpec], cluster: str) -> int:
+    """One preflight job per tier used by the planned runs, through the grid's executor."""
+    from slurm.launch import grid_folder
+    from slurm.preflight import check_report, submit_preflight
+    from slurm.resources import load_tier
+
+    # The debug executor runs one task in-process: the local executor has real processes.
+    cluster = "local" if cluster == "debug" else cluster
+    passed = True
+    for tier_name in sorted({s.tier for s in specs}):
+        tier = load_tier(tier_name)
+        print(f"\npreflight: tier {tier_name}, {tier.world_size} rank(s), cluster {cluster}")
+        results = submit_preflight(cluster, grid_folder(specs) / ".preflight", tier,
+                                   f"{specs[0].grid}:preflight:{tier_name}",
+                                   on_submit=lambda job: print(f"job {job.job_id}"))
+        ok, report = check_report(results, tier.world_size)
+        print(report)
+        passed = passed and ok
+    return 0 if passed else 1
+
+
 def regenerate_results(args: argparse.Namespace, grid: str) -> int:
     from results.__main__ import main as results_main
 
@@ -158,14 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tier:
             specs = [RunSpec(s.grid, s.cell, s.seed, s.config, s.config_hash, s.run_dir, tier,
                              s.preset) for s in specs]
-        errors = [] if args.collect_only else check_data(specs, None if not args.no_preflight
-                                                         else 0)
+        skip_data = args.collect_only or args.status or args.preflight_dist
+        errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
     except ConfigError as exc:
         print(f"error: invalid grid configuration:\n{exc}", file=sys.stderr)
         return 2
     if errors:
         print("error: data checks failed:\n" + "\n".join(errors), file=sys.stderr)
         return 2
+    if args.status:
+        return _print_status(specs)
+    if args.preflight_dist:
+        return _preflight_dist(specs, args.cluster)
     plan = plan_table(specs)
     print(plan.drop(columns=["run_dir"]).to_markdown(index=False))
     if args.dry_run:

@@ -28,7 +28,8 @@ class CellJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from SLURM's variables.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            submitit.helpers.TorchDistributedEnvironment().export(
+                set_cuda_visible_devices=False, overwrite=True)
         # Local grids pass their per-job share of the cores; on SLURM, the task's allocation.
         threads = int(os.environ.get("SOFTMASK_THREADS")
                       or os.environ.get("SLURM_CPUS_PER_TASK") or 0)

@@ -101,9 +101,10 @@ def _grid_args(matrix: Path, runs: Path, out: Path, cache: Path, cells: list[str
 def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
                                                      synthetic_cache: Path) -> None:
     matrix = _copy_matrix(tmp_path)
-    # One cell that passes validation but fails at run time (a batch larger than the data).
+    # One cell that passes validation but fails at run time: captions longer than the
+    # position table (an index error inside the text embeddings).
     matrix.write_text(matrix.read_text() + "  broken: {overrides: [], set: "
-                      "{train.batch_size: 256, model.queue_size: 256}}\n")
+                      "{model.text.max_positions: 4}}\n")
     runs, out = tmp_path / "runs", tmp_path / "results"
     rc = run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef", "full", "broken"]))
     text_out = capsys.readouterr().out
@@ -112,7 +113,7 @@ def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
     done = {p.parent.name.split("__")[0] for p in grid.glob("*/DONE")}
     assert done == {"albef", "full"}  # ... and lost nobody else's results
     failed = next(grid.glob("broken__*/FAILED")).read_text()
-    assert "smaller than one global batch" in failed
+    assert "Traceback" in failed and "Error" in failed
     assert "FAILED broken" in text_out
     result = json.loads(next(grid.glob("full__*/result.json")).read_text())
     assert {"TR@1", "IR@1", "itc/TR@1", "comp/mean"} <= set(result["metrics"])

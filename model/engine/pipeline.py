@@ -47,7 +47,8 @@ def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_hash = file_sha256(ckpt)
     report = evaluate_retrieval(student, dataset, tokenizer, device, cfg.eval.k_test,
                                 cfg.eval.batch_size, split=f"{tr.sources.eval_file.name}",
-                                checkpoint_hash=ckpt_hash[:16], cache_dir=tr.run_dir)
+                                checkpoint_hash=ckpt_hash[:16],
+                                cache_dir=tr.run_dir if cfg.eval.cache_features else None)
     metrics = dict(report.metrics)
     if tr.sources.negatives_file is not None:
         items = load_negative_items(tr.sources.negatives_file)
@@ -94,23 +95,47 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
 def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
          progress: bool, stop_after: int | None) -> dict[str, Any]:
     t0 = time.time()
+    if cfg.downstream:  # fail now on a bad protocol name or stage config, not after pre-training
+        from model.engine.protocol import validate_downstream
+
+        validate_downstream(cfg)
     summary, tr = train(cfg, run_dir, device=device, identity=identity, progress=progress,
                         stop_after=stop_after)
     if stop_after is not None and summary.steps < tr.total_steps:
         return {"status": "stopped", "steps": summary.steps}
     barrier()
-    if not tr.dist.is_main:
-        return {"status": "done", "rank": tr.dist.rank}
+    # Every rank evaluates: under torch.distributed the ITM re-ranking splits the query rows
+    # across ranks and all-reduces them (a rank-0-only call would wait forever).
     with torch.no_grad():
         metrics, provenance = evaluate_trained(tr)
-    append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
-                                     "split": provenance["split"], **metrics})
+    if tr.dist.is_main:
+        append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
+                                         "split": provenance["split"], **metrics})
+    is_main, rank, config_hash = tr.dist.is_main, tr.dist.rank, tr.config_hash
+    stages: dict[str, Any] = {}
+    if cfg.downstream:
+        from model.engine.protocol import run_downstream
+
+        del tr  # free the pre-training model and optimizer before the stages build theirs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        stages = run_downstream(cfg, run_dir, checkpoint_path(run_dir), cfg.downstream,
+                                identity, device=device, progress=progress)
+    if not is_main:
+        return {"status": "done", "rank": rank}
     result = {
-        **identity, "config_hash": tr.config_hash, "status": "done", "metrics": metrics,
+        **identity, "config_hash": config_hash, "status": "done", "metrics": metrics,
         "provenance": provenance, "train_steps": summary.steps,
         "resumed_from": summary.resumed_from, "first_losses": summary.first_losses,
         "last_losses": summary.last_losses, "wall_s": time.time() - t0,
     }
+    if stages:
+        # Headline numbers = the last stage's (e.g. COCO 5K fine-tuned); every stage is kept.
+        last = stages[cfg.downstream[-1]]
+        result["stages"] = {"pretrain": {"metrics": metrics, "provenance": provenance},
+                            **{name: {"metrics": s.metrics, "provenance": s.provenance}
+                               for name, s in stages.items()}}
+        result["metrics"], result["provenance"] = last.metrics, last.provenance
     write_json_atomic(run_dir / RESULT, result)
     (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return result

@@ -1,0 +1,631 @@
+"""The paper's downstream protocols: retrieval fine-tuning and zero-shot evaluation stages.
+
+Protocols are declared in ``ablations/protocols.yaml`` (each one: the stage it starts ``from``,
+whether it trains, its override files, the data set and split it evaluates, and the paper's
+numbers). A stage's config is derived, never written by hand:
+
+    config of the ``from`` stage (the cell's config for ``pretrain``)
+    + the protocol's override files (+ its ``synthetic`` layers when ``data.kind = synthetic``)
+    + caller ``sets`` + ``train.init_from`` = the ``from`` stage's checkpoint, ``downstream = ()``
+
+``run_downstream`` runs the stages of a cell in ``<run_dir>/<protocol>/`` (training through
+``model.engine.train.train``, which resumes; a stage with its own ``DONE`` is skipped) and
+``evaluate_checkpoint`` evaluates any checkpoint (ours, full or slim, or an official ALBEF file)
+under a protocol; ``model.evaluate`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.build import build_albef, resolve_vocab_size
+from model.checkpoints import (
+    LoadReport,
+    detect_format,
+    extract_state,
+    load_checkpoint_state,
+    read_checkpoint,
+)
+from model.config.experiment import experiment_hash
+from model.config.loader import (
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_yaml_file,
+    merge_layers,
+    parse_dotlist,
+    replace_path,
+    to_dict,
+)
+from model.config.schema import ExperimentConfig
+from model.engine.checkpoint import checkpoint_path
+from model.engine.data import build_eval_dataset, build_tokenizer, resolve_sources
+from model.engine.distributed import barrier, init_distributed
+from model.engine.pipeline import evaluate_trained, file_sha256
+from model.engine.retrieval import evaluate_retrieval
+from model.engine.run_io import (
+    CONFIG,
+    DONE,
+    METRICS,
+    RESULT,
+    append_jsonl,
+    read_json,
+    write_json_atomic,
+)
+from model.engine.train import train
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS_FILE = Path(__file__).resolve().parents[2] / "ablations" / "protocols.yaml"
+PRETRAIN = "pretrain"
+RECALL_KEYS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
+_ENTRY_KEYS = {"description", "from", "train", "overrides", "synthetic", "dataset", "split",
+               "paper"}
+_REQUIRED_KEYS = {"from", "train", "overrides", "dataset"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry (ablations/protocols.yaml)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One entry of protocols.yaml (override paths resolved against the file's directory)."""
+
+    name: str
+    source: str  # "pretrain" or another protocol's name (the YAML key ``from``)
+    train: bool
+    overrides: tuple[Path, ...]
+    synthetic: tuple[Path, ...]
+    dataset: str
+    description: str = ""
+    split_name: str = ""
+    split_images: int | None = None
+    paper: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProtocolRegistry:
+    path: Path
+    protocols: dict[str, Protocol]
+    paper_source: str = ""
+
+    def get(self, name: str) -> Protocol:
+        if name not in self.protocols:
+            raise ConfigError(f"unknown protocol {name!r}; protocols in {self.path}: "
+                              f"{sorted(self.protocols)}")
+        return self.protocols[name]
+
+    def chain(self, name: str) -> list[str]:
+        """``name`` and the protocols it starts from, the first stage first (no ``pretrain``)."""
+        out: list[str] = []
+        current = name
+        while current != PRETRAIN:
+            if current in out:
+                raise ConfigError(f"{self.path}: protocols form a cycle: "
+                                  f"{' <- '.join([*out, current])}")
+            out.append(current)
+            current = self.get(current).source
+        return out[::-1]
+
+    def resolve_order(self, names: Sequence[str]) -> list[str]:
+        """The requested protocols with the ones they start from, dependencies first, each once.
+
+        A protocol whose ``from`` stage was not requested gets it added (logged)."""
+        order: list[str] = []
+        for name in names:
+            for dep in self.chain(name):
+                if dep not in order:
+                    if dep not in names:
+                        log.info("protocol %s starts from %s: running %s first", name, dep, dep)
+                    order.append(dep)
+        return order
+
+    def expected_model(self, name: str) -> tuple[str, str | None]:
+        """What a protocol evaluates: ("pretrained", None) or ("fine-tuned", data set)."""
+        p = self.get(name)
+        if p.train:
+            return "fine-tuned", p.dataset
+        if p.source == PRETRAIN:
+            return "pretrained", None
+        return self.expected_model(p.source)
+
+    def stage_label(self, name: str) -> str:
+        """The training stage of the model a protocol reports, e.g. 'fine-tuned on coco'."""
+        stage, data = self.expected_model(name)
+        return stage if data is None else f"{stage} on {data}"
+
+
+def _as_paths(root: Path, value: Any, where: str, errors: list[str]) -> tuple[Path, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        errors.append(f"{where}: expected a list of override file names, got {value!r}")
+        return ()
+    paths = tuple(root / v for v in value)
+    errors += [f"{where}: file not found: {p}" for p in paths if not p.is_file()]
+    return paths
+
+
+def _paper_rows(value: Any, where: str, errors: list[str]) -> dict[str, dict[str, float]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.append(f"{where}: expected a mapping of model name -> recalls, got {value!r}")
+        return {}
+    rows: dict[str, dict[str, float]] = {}
+    for model, recalls in value.items():
+        if not isinstance(recalls, Mapping) or set(recalls) - set(RECALL_KEYS) or not all(
+                isinstance(v, int | float) for v in recalls.values()):
+            errors.append(f"{where}.{model}: expected numbers for keys among {RECALL_KEYS}, "
+                          f"got {recalls!r}")
+            continue
+        rows[str(model)] = {k: float(recalls[k]) for k in RECALL_KEYS if k in recalls}
+    return rows
+
+
+def _parse_entry(path: Path, name: str, entry: Any, errors: list[str]) -> Protocol | None:
+    where = f"{path}: protocols.{name}"
+    if name == PRETRAIN:
+        errors.append(f"{where}: '{PRETRAIN}' is reserved for the pre-training stage")
+        return None
+    if not isinstance(entry, Mapping):
+        errors.append(f"{where}: expected a mapping, got {entry!r}")
+        return None
+    unknown, missing = set(entry) - _ENTRY_KEYS, _REQUIRED_KEYS - set(entry)
+    if unknown:
+        errors.append(f"{where}: unknown keys {sorted(unknown)} (valid: {sorted(_ENTRY_KEYS)})")
+    if missing:
+        errors.append(f"{where}: missing keys {sorted(missing)}")
+        return None
+    if not isinstance(entry["train"], bool):
+        errors.append(f"{where}.train: expected true or false, got {entry['train']!r}")
+    split = entry.get("split") or {}
+    if not isinstance(split, Mapping) or set(split) - {"name", "images"}:
+        errors.append(f"{where}.split: expected {{name: ..., images: N}}, got {split!r}")
+        split = {}
+    return Protocol(
+        name=name, source=str(entry["from"]), train=bool(entry["train"]),
+        overrides=_as_paths(path.parent, entry["overrides"], f"{where}.overrides", errors),
+        synthetic=_as_paths(path.parent, entry.get("synthetic"), f"{where}.synthetic", errors),
+        dataset=str(entry["dataset"]), description=str(entry.get("description") or ""),
+        split_name=str(split.get("name") or ""), split_images=split.get("images"),
+        paper=_paper_rows(entry.get("paper"), f"{where}.paper", errors))
+
+
+def load_protocols(path: str | Path = PROTOCOLS_FILE) -> ProtocolRegistry:
+    """Read and strictly validate protocols.yaml; every error names the file and protocol."""
+    path = Path(path)
+    data = load_yaml_file(path)
+    errors: list[str] = []
+    unknown_top = set(data) - {"protocols", "paper_source"}
+    if unknown_top:
+        errors.append(f"{path}: unknown top-level keys {sorted(unknown_top)} "
+                      "(expected: protocols, paper_source)")
+    entries = data.get("protocols")
+    if not isinstance(entries, Mapping) or not entries:
+        raise ConfigError([*errors, f"{path}: 'protocols' must be a non-empty mapping"])
+    protocols: dict[str, Protocol] = {}
+    for name, entry in entries.items():
+        parsed = _parse_entry(path, str(name), entry, errors)
+        if parsed is not None:
+            protocols[parsed.name] = parsed
+    for p in protocols.values():
+        if p.source != PRETRAIN and p.source not in protocols:
+            errors.append(f"{path}: protocols.{p.name}.from: unknown stage {p.source!r} "
+                          f"(expected '{PRETRAIN}' or one of {sorted(protocols)})")
+    if errors:
+        raise ConfigError(errors)
+    registry = ProtocolRegistry(path, protocols, str(data.get("paper_source") or "").strip())
+    for name in protocols:
+        registry.chain(name)  # raises on cycles
+    return registry
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs
+
+
+def _protocol_layers(registry: ProtocolRegistry, name: str, synthetic: bool
+                     ) -> list[tuple[str, Mapping[str, Any]]]:
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    for stage in registry.chain(name):
+        p = registry.get(stage)
+        layers += [(str(f), load_yaml_file(f)) for f in p.overrides]
+        if synthetic:
+            layers += [(f"{f} (data.kind = synthetic)", load_yaml_file(f)) for f in p.synthetic]
+    return layers
+
+
+def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
+                 registry: ProtocolRegistry | None = None, sets: Sequence[str] = (),
+                 source: str = "cell config", synthetic: bool | None = None
+                 ) -> ExperimentConfig:
+    """The config of protocol ``name``'s stage derived from a cell's (pre-training) config.
+
+    Layers: ``cfg``, then the override files of every protocol on the chain from ``pretrain`` to
+    ``name`` (with their ``synthetic`` layers when the result has ``data.kind = synthetic``, or
+    as ``synthetic`` forces), then ``sets`` (``key=value``), then
+    ``train.init_from = init_from`` (when given) and ``downstream = ()``.
+    """
+    registry = registry or load_protocols()
+    registry.get(name)
+    user = [("--set", parse_dotlist(sets))] if sets else []
+    base = [(source, to_dict(cfg))]
+    if synthetic is None:
+        merged, _ = merge_layers([*base, *_protocol_layers(registry, name, False), *user])
+        synthetic = (merged.get("data") or {}).get("kind") == "synthetic"
+    last = {"downstream": []}
+    if init_from is not None:
+        last["train"] = {"init_from": str(init_from)}
+    layers = [*base, *_protocol_layers(registry, name, synthetic), *user,
+              (f"protocol '{name}'", last)]
+    merged, origins = merge_layers(layers)
+    return from_dict(ExperimentConfig, merged, origins)
+
+
+def validate_downstream(cfg: ExperimentConfig, registry: ProtocolRegistry | None = None
+                        ) -> dict[str, ExperimentConfig]:
+    """Resolve every stage config of ``cfg.downstream`` now (before hours of pre-training):
+    unknown protocols, missing override files and invalid stage configs raise ConfigError."""
+    registry = registry or load_protocols()
+    return {name: stage_config(cfg, name, f"<{registry.get(name).source} checkpoint>", registry)
+            for name in registry.resolve_order(cfg.downstream)}
+
+
+def eval_image_size(cfg: ExperimentConfig) -> int:
+    return cfg.eval.image_size or cfg.model.vision.image_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what they are, and evaluating them
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint file is, as far as the file itself tells.
+
+    ``format`` is ``detect_format`` of its state (ours / pretrain / retrieval); ``stage`` is
+    ``pretrained`` or ``fine-tuned`` and ``finetuned_on`` the data set when the file records it
+    (our configs: ``train.mode`` and ``data.train_files``; ALBEF's: ``train_file``).
+    """
+
+    path: Path
+    sha256: str
+    container: str
+    format: str
+    stage: str
+    finetuned_on: str | None = None
+    image_size: int | None = None
+    train_files: list[str] = field(default_factory=list)
+    evidence: str = ""
+    config: dict[str, Any] | None = None  # our config, when the file holds one
+
+    @property
+    def stage_label(self) -> str:
+        if self.stage != "fine-tuned":
+            return self.stage
+        return f"fine-tuned on {self.finetuned_on or 'unknown data'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.path), "checkpoint_sha256": self.sha256,
+                "checkpoint_container": self.container, "checkpoint_format": self.format,
+                "checkpoint_stage": self.stage_label, "checkpoint_stage_evidence": self.evidence,
+                "checkpoint_image_size": self.image_size,
+                "checkpoint_train_files": list(self.train_files)}
+
+
+def dataset_of(files: Sequence[str], kind: str | None = None) -> str | None:
+    """``coco`` / ``flickr`` from annotation file names (None when they say neither)."""
+    names = [Path(f).name.lower() for f in files]
+    for dataset in ("coco", "flickr"):
+        if names and all(dataset in n for n in names):
+            return dataset
+    if not names and kind == "synthetic":
+        return "synthetic"
+    return "+".join(Path(f).stem for f in files) or None
+
+
+def _is_our_config(config: Any) -> bool:
+    return isinstance(config, Mapping) and all(
+        isinstance(config.get(k), Mapping) for k in ("model", "train", "data"))
+
+
+def describe_checkpoint(path: Path, obj: Any, state: Mapping[str, Any], sha256: str
+                        ) -> CheckpointInfo:
+    """Classify a loaded checkpoint file (see :class:`CheckpointInfo`)."""
+    fmt = detect_format(state)
+    wrapper = obj if isinstance(obj, Mapping) else {}
+    if "objective" in wrapper:
+        container = "training checkpoint (ours)"
+    elif wrapper.get("format") in ("ours", "albef"):
+        container = f"slim release ({wrapper['format']} naming)"
+    elif fmt in ("pretrain", "retrieval"):
+        container = f"ALBEF {fmt}-format file"
+    else:
+        container = "state dict (ours)"
+    config = wrapper.get("config")
+    info = CheckpointInfo(path, sha256, container, fmt, stage="pretrained")
+    if _is_our_config(config):
+        info.config = dict(config)
+        mode = config["train"].get("mode", "pretrain")
+        info.train_files = [str(f) for f in config["data"].get("train_files") or []]
+        info.image_size = (config["model"].get("vision") or {}).get("image_size")
+        info.evidence = f"its recorded config has train.mode={mode}"
+        if mode == "retrieval":
+            info.stage = "fine-tuned"
+            info.finetuned_on = dataset_of(info.train_files, config["data"].get("kind"))
+            info.evidence += f", data.train_files={info.train_files}"
+        return info
+    if isinstance(config, Mapping) and ("train_file" in config or "image_res" in config):
+        files = config.get("train_file") or []
+        info.train_files = [str(f) for f in (files if isinstance(files, list) else [files])]
+        info.image_size = config.get("image_res")
+    if fmt == "retrieval":
+        info.stage = "fine-tuned"
+        info.evidence = "ALBEF retrieval format (text_encoder.* without bert., idx_queue)"
+        if info.train_files:
+            info.finetuned_on = dataset_of(info.train_files)
+            info.evidence += f"; its config's train_file={info.train_files}"
+    elif fmt == "pretrain":
+        info.evidence = "ALBEF pre-training format (text_encoder.bert.*, MLM head)"
+    elif any(".mlm_head." in k for k in state):
+        info.evidence = "our naming with an MLM head and no recorded config"
+    else:
+        info.stage = "fine-tuned"
+        info.evidence = "our naming without an MLM head and no recorded config"
+    return info
+
+
+def read_checkpoint_file(path: str | Path, *, trust_pickle: bool = False
+                         ) -> tuple[dict[str, Any], CheckpointInfo]:
+    """(state dict, description) of any checkpoint file; read once (memory-mapped)."""
+    path = Path(path).resolve()
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    state = extract_state(obj, str(path))
+    return state, describe_checkpoint(path, obj, state, file_sha256(path))
+
+
+@dataclass
+class CheckpointEvaluation:
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+    info: CheckpointInfo
+    load_report: LoadReport
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path,
+                        device: str | torch.device | None = None, *,
+                        trust_pickle: bool = False, cache_dir: str | Path | None = None,
+                        loaded: tuple[dict[str, Any], CheckpointInfo] | None = None
+                        ) -> CheckpointEvaluation:
+    """Retrieval evaluation of a checkpoint file on ``cfg``'s split (``data.eval_file``).
+
+    The model is built from ``cfg.model`` at the evaluation resolution (``eval.image_size`` or
+    ``model.vision.image_size``; the checkpoint's pos_embed is interpolated to it) without an MLM
+    head, and loaded with the loud loader (every key accounted for). Every image of the split
+    must exist: a partial split would change the metric, so missing images raise.
+    """
+    state, info = loaded or read_checkpoint_file(checkpoint, trust_pickle=trust_pickle)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    sources = resolve_sources(cfg)
+    tokenizer = build_tokenizer(sources)
+    size = eval_image_size(cfg)
+    model_cfg = replace_path(cfg.model, "vision.image_size", size)
+    student = build_albef(model_cfg, resolve_vocab_size(cfg.model, tokenizer.vocab_size),
+                          tokenizer.pad_id, with_mlm=False)
+    report = load_checkpoint_state(student, state, source=str(info.path))
+    student.to(device)
+    dataset = build_eval_dataset(cfg, sources)
+    found = sum((dataset.image_root / p).is_file() for p in dataset.image_paths)
+    if found < len(dataset):
+        absent = [p for p in dataset.image_paths if not (dataset.image_root / p).is_file()]
+        raise FileNotFoundError(
+            f"{sources.eval_file}: {found} of {len(dataset)} listed images exist under "
+            f"{dataset.image_root} (missing e.g. {absent[:3]}); a partial split changes the "
+            "metric, so nothing was evaluated. Check data.image_root (or --data-root)")
+    with torch.no_grad():
+        result = evaluate_retrieval(
+            student, dataset, tokenizer, device, cfg.eval.k_test, cfg.eval.batch_size,
+            split=sources.eval_file.name, checkpoint_hash=info.sha256[:16], cache_dir=cache_dir,
+            num_workers=cfg.data.num_workers)
+    provenance = {
+        **result.provenance, **info.to_dict(),
+        "eval_file": str(sources.eval_file), "image_root": str(dataset.image_root),
+        "data_kind": cfg.data.kind, "images_listed": len(dataset), "images_found": found,
+        "dataset_images_listed": len(dataset),
+        "pos_embed_interpolated": [[k, list(a), list(b)] for k, a, b in report.interpolated],
+    }
+    return CheckpointEvaluation(dict(result.metrics), provenance, info, report)
+
+
+def protocol_warnings(registry: ProtocolRegistry, name: str, info: CheckpointInfo,
+                      protocol_cfg: ExperimentConfig, eval_cfg: ExperimentConfig,
+                      n_images: int | None = None) -> list[str]:
+    """Every way the checkpoint or the evaluation settings disagree with the protocol."""
+    out: list[str] = []
+    stage, data = registry.expected_model(name)
+    have = f"{info.path.name} is {info.stage_label} ({info.evidence})"
+    if stage == "pretrained" and info.stage != "pretrained":
+        out.append(f"protocol '{name}' is zero-shot from the PRE-TRAINED model, but {have}: "
+                   "these are not zero-shot numbers")
+    elif stage == "fine-tuned" and info.stage == "pretrained":
+        out.append(f"protocol '{name}' reports a model FINE-TUNED ON {data.upper()}, but {have}")
+    elif stage == "fine-tuned" and info.finetuned_on is None:
+        out.append(f"protocol '{name}' reports a model fine-tuned on {data.upper()}; {have} and "
+                   "its fine-tuning data could not be verified")
+    elif stage == "fine-tuned" and info.finetuned_on != data:
+        out.append(f"protocol '{name}' reports a model FINE-TUNED ON {data.upper()}, but {have}")
+    want, got = eval_image_size(protocol_cfg), eval_image_size(eval_cfg)
+    if want != got:
+        out.append(f"evaluated at {got} px but protocol '{name}' evaluates at {want} px")
+    if protocol_cfg.eval.k_test != eval_cfg.eval.k_test:
+        out.append(f"k_test={eval_cfg.eval.k_test} but protocol '{name}' uses "
+                   f"k_test={protocol_cfg.eval.k_test}")
+    p = registry.get(name)
+    if (n_images is not None and p.split_images and eval_cfg.data.kind != "synthetic"
+            and n_images != p.split_images):
+        out.append(f"the split has {n_images} images but the paper's {p.split_name} has "
+                   f"{p.split_images}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the stages of a cell
+
+
+@dataclass
+class StageResult:
+    """One stage's numbers; ``checkpoint`` is the model they are for (a training stage's own
+    checkpoint, else the checkpoint it evaluated)."""
+
+    protocol: str
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+    run_dir: Path
+    checkpoint: Path
+    trained: bool
+    config_hash: str
+    train_steps: int = 0
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "metrics": dict(self.metrics),
+                "provenance": dict(self.provenance), "run_dir": str(self.run_dir),
+                "checkpoint": str(self.checkpoint), "trained": self.trained,
+                "config_hash": self.config_hash, "train_steps": self.train_steps}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageResult:
+        return cls(data["protocol"], dict(data["metrics"]), dict(data["provenance"]),
+                   Path(data["run_dir"]), Path(data["checkpoint"]), bool(data["trained"]),
+                   str(data["config_hash"]), int(data.get("train_steps", 0)), skipped=True)
+
+
+def _stage_provenance(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
+                      init: Path, init_size: int) -> dict[str, Any]:
+    p = registry.get(name)
+    out = {
+        "protocol": name, "protocol_description": p.description,
+        "stage": registry.stage_label(name),
+        "evaluation": "fine-tuned" if p.train else "zero-shot",
+        "split_name": p.split_name, "init_from": str(init), "init_image_size": init_size,
+        "data_kind": stage_cfg.data.kind,
+    }
+    if p.train:
+        out["selection"] = "last epoch (ALBEF keeps the epoch with the best val r_mean)"
+    if stage_cfg.data.kind == "synthetic":
+        out["stand_in"] = (f"synthetic data replaces {p.split_name or p.dataset} "
+                           "(the protocol's files are not read)")
+    return out
+
+
+def _train_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
+                 stage_dir: Path, init: Path, init_size: int, identity: dict[str, Any],
+                 device: str | None, progress: bool) -> StageResult | None:
+    summary, tr = train(stage_cfg, stage_dir, device=device, identity=identity,
+                        progress=progress)
+    barrier()
+    with torch.no_grad():  # all ranks: the re-ranking is split across them
+        metrics, provenance = evaluate_trained(tr)
+    if not tr.dist.is_main:
+        return None
+    provenance.update(_stage_provenance(registry, name, stage_cfg, init, init_size))
+    provenance["pos_embed_shape"] = list(tr.objective.student.visual_encoder.pos_embed.shape)
+    append_jsonl(stage_dir / METRICS, {"kind": "eval", "step": summary.steps,
+                                       "split": provenance["split"], **metrics})
+    return StageResult(name, metrics, provenance, stage_dir, checkpoint_path(stage_dir), True,
+                       tr.config_hash, summary.steps)
+
+
+def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
+                stage_dir: Path, init: Path, init_size: int, device: str | None
+                ) -> StageResult | None:
+    dist_info = init_distributed(device)
+    result = evaluate_checkpoint(stage_cfg, init, dist_info.device)  # all ranks (collective)
+    if not dist_info.is_main:
+        return None
+    dump_yaml(stage_cfg, stage_dir / CONFIG)
+    provenance = {**result.provenance,
+                  **_stage_provenance(registry, name, stage_cfg, init, init_size)}
+    append_jsonl(stage_dir / METRICS, {"kind": "eval", "step": 0,
+                                       "split": provenance["split"], **result.metrics})
+    return StageResult(name, result.metrics, provenance, stage_dir, init, False,
+                       experiment_hash(stage_cfg))
+
+
+def run_downstream(cfg: ExperimentConfig, run_dir: str | Path, pretrain_checkpoint: str | Path,
+                   protocols: Sequence[str], identity: dict[str, Any] | None = None, *,
+                   device: str | None = None, progress: bool = False,
+                   registry: ProtocolRegistry | None = None, sets: Sequence[str] = ()
+                   ) -> dict[str, StageResult]:
+    """Run the downstream stages of one cell after its pre-training; resumable and idempotent.
+
+    Each protocol (and any protocol it starts ``from`` that was not listed, run first) runs in
+    ``<run_dir>/<protocol>/`` with the derived :func:`stage_config`: training stages train (or
+    resume) with ``model.engine.train.train`` and evaluate their final checkpoint; evaluation
+    stages evaluate the checkpoint of their ``from`` stage. A stage directory holding ``DONE``
+    is not run again; its ``result.json`` is returned.
+
+    All ranks must call this under torch.distributed (training is data-parallel and the ITM
+    re-ranking is split across ranks); only rank 0 writes results and gets the stage results
+    (other ranks get ``{}``).
+
+    Args:
+        cfg: The cell's (pre-training) config.
+        run_dir: The cell's run directory.
+        pretrain_checkpoint: The pre-training checkpoint (``<run_dir>/checkpoint.pt``).
+        protocols: Protocol names from ablations/protocols.yaml, e.g. ``("coco_finetune",)``.
+        identity: The cell's identity (grid, cell, seed, ...), recorded with each stage.
+        sets: ``key=value`` items applied to every stage's config after the protocol layers.
+    """
+    registry = registry or load_protocols()
+    run_dir = Path(run_dir)
+    order = registry.resolve_order(protocols)
+    checkpoints = {PRETRAIN: Path(pretrain_checkpoint).resolve()}
+    configs = {PRETRAIN: cfg}
+    results: dict[str, StageResult] = {}
+    for name in order:
+        p = registry.get(name)
+        stage_dir = run_dir / name
+        init = checkpoints[p.source]
+        stage_cfg = stage_config(cfg, name, init, registry, sets)
+        configs[name] = stage_cfg
+        checkpoints[name] = checkpoint_path(stage_dir).resolve() if p.train else init
+        if (stage_dir / DONE).exists():
+            done = StageResult.from_dict(read_json(stage_dir / RESULT))
+            if done.config_hash != experiment_hash(stage_cfg):
+                log.warning("stage %s in %s finished under config %s but its config is now %s; "
+                            "keeping the finished result (delete the directory to redo it)",
+                            name, stage_dir, done.config_hash, experiment_hash(stage_cfg))
+            log.info("stage %s already done in %s", name, stage_dir)
+            results[name] = done
+            continue
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        init_size = configs[p.source].model.vision.image_size
+        t0 = time.time()
+        stage_identity = {**(identity or {}), "stage": name}
+        log.info("stage %s (%s) from %s in %s", name, registry.stage_label(name), init,
+                 stage_dir)
+        if p.train:
+            result = _train_stage(registry, name, stage_cfg, stage_dir, init, init_size,
+                                  stage_identity, device, progress)
+        else:
+            result = _eval_stage(registry, name, stage_cfg, stage_dir, init, init_size, device)
+        if result is not None:
+            write_json_atomic(stage_dir / RESULT, {
+                **stage_identity, "status": "done", **result.to_dict(),
+                "wall_s": time.time() - t0})
+            (stage_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+            results[name] = result
+        barrier()
+    return results
