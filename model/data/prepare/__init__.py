@@ -3,8 +3,8 @@
 Each public corpus has its own module (``coco``, ``flickr``, ``vg``, ``sbu``, ``cc3m``) that turns
 the raw public download into ALBEF-style caption JSON lists; ``combine`` joins the pre-training
 lists into the "4M" corpus. This module holds what they share: error type, streaming JSON I/O,
-atomic writes, caption cleaning, image-directory scans and the count summary every converter
-prints.
+atomic writes, caption cleaning, image-directory scans, the count summary every converter
+prints and the command-line wiring.
 
 Output formats (image paths are relative to an image root given at training time):
 
@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO, TypeVar
@@ -38,6 +39,7 @@ from model.data.captions import pre_caption
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 # File suffixes accepted as images when scanning a downloaded-images directory.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
@@ -313,6 +315,25 @@ def join_image_path(prefix: str, relative: str) -> str:
     return prefix.rstrip("/") + "/" + relative
 
 
+def caption_entry(
+    relative: str,
+    raw: str,
+    transform: Callable[[str], str],
+    prefix: str,
+    stats: dict[str, int],
+) -> dict[str, str] | None:
+    """The pre-training entry of one image and its caption, or None if the caption is empty.
+
+    The caption is stripped, then transformed; an empty result is counted in
+    ``stats["skipped_empty_captions"]``.
+    """
+    caption = transform(raw.strip())
+    if not caption.strip():
+        stats["skipped_empty_captions"] += 1
+        return None
+    return {"image": join_image_path(prefix, relative), "caption": caption}
+
+
 def _tqdm_disable(show_progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None lets tqdm decide (bars only on a terminal, so batch logs stay
     clean); True/False force the bar off/on."""
@@ -344,6 +365,30 @@ def scan_images(root: Path, show_progress: bool | None = None) -> Iterator[str]:
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                     bar.update()
                     yield (rel_dir / name).as_posix()
+
+
+def index_images(
+    root: Path, key: Callable[[str], K | None], show_progress: bool | None = None
+) -> tuple[dict[K, str], list[tuple[str, str]]]:
+    """Map the images below ``root`` (see :func:`scan_images`) by ``key(relative path)``.
+
+    Files whose key is None are ignored. When several files share a key the first in sorted
+    order wins, so reruns pick the same file.
+
+    Returns:
+        ``(key → relative path, [(ignored relative path, kept relative path), ...])``.
+    """
+    found: dict[K, str] = {}
+    ignored: list[tuple[str, str]] = []
+    for relative in scan_images(root, show_progress):
+        value = key(relative)
+        if value is None:
+            continue
+        if value in found:
+            ignored.append((relative, found[value]))
+            continue
+        found[value] = relative
+    return found, ignored
 
 
 def parse_index_stem(relative: str) -> int | None:
@@ -428,6 +473,28 @@ def count_captions(entries: Sequence[Mapping[str, Any]]) -> int:
     )
 
 
+def note_raw_captions(summary: PrepareSummary, clean_captions: bool) -> None:
+    """Add the note that captions were stored raw, unless they were cleaned now."""
+    if not clean_captions:
+        summary.notes.append("captions stored raw; ALBEF's pre_caption runs at load time")
+
+
+def add_pretrain_output(
+    summary: PrepareSummary, path: Path, entries: int, images: int, captions: int
+) -> None:
+    """Record a written pre-training file and compare its counts with the paper's table."""
+    summary.outputs.append(OutputCount("pretrain", path, entries, images, captions))
+    summary.notes.append(paper_comparison(summary.source, images, captions))
+
+
+def write_pretrain(
+    summary: PrepareSummary, path: Path, entries: Sequence[Mapping[str, Any]]
+) -> None:
+    """Write a one-caption-per-entry pre-training list to ``path`` and record it in ``summary``."""
+    write_json_list(path, entries)
+    add_pretrain_output(summary, path, len(entries), count_images(entries), len(entries))
+
+
 # --------------------------------------------------------------------------------------------
 # Command-line plumbing shared by the converters
 # --------------------------------------------------------------------------------------------
@@ -458,3 +525,54 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_prefix: str = 
 def progress_flag(args: argparse.Namespace) -> bool | None:
     """Map ``--no-progress`` to the ``show_progress`` argument of the converters."""
     return False if args.no_progress else None
+
+
+def new_subparser(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    doc: str | None,
+    run: Callable[[argparse.Namespace], Any],
+) -> argparse.ArgumentParser:
+    """Register the sub-command ``name``, carried out by ``run(args)``.
+
+    Its ``--help`` shows ``doc`` (the converter's module docstring) verbatim below the usage.
+    """
+    parser = subparsers.add_parser(
+        name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The converter keyword arguments set by :func:`add_common_arguments`'s options."""
+    return {
+        "image_prefix": args.image_prefix,
+        "clean_captions": args.clean_captions,
+        "max_words": args.max_words,
+        "show_progress": progress_flag(args),
+    }
+
+
+def call_converter(convert: Callable[..., T], args: argparse.Namespace, **renamed: str) -> T:
+    """Call ``convert`` with the parsed options that are named like its parameters.
+
+    Args:
+        convert: A ``prepare_*`` function.
+        args: The parsed command line (the common options map through :func:`common_kwargs`).
+        renamed: Parameter name → option attribute, where the two differ (``images_dir="images"``
+            for ``--images``).
+
+    Raises:
+        TypeError: If a parameter has no option, so a converter and its command line cannot
+            silently drift apart.
+    """
+    options = {**vars(args), **common_kwargs(args)}
+    kwargs = {}
+    for name in inspect.signature(convert).parameters:
+        key = renamed.get(name, name)
+        if key not in options:
+            raise TypeError(f"{convert.__name__}: no command-line option for parameter {name!r}")
+        kwargs[name] = options[key]
+    return convert(**kwargs)

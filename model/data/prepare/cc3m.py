@@ -28,25 +28,27 @@ from pathlib import Path
 from typing import Any
 
 from model.data.prepare import (
-    OutputCount,
     PrepareError,
     PrepareSummary,
     add_common_arguments,
+    call_converter,
+    caption_entry,
     caption_transform,
-    join_image_path,
-    paper_comparison,
+    index_images,
+    new_subparser,
     parse_index_stem,
     progress,
-    progress_flag,
     require_file,
     scan_images,
-    write_json_list,
+    write_pretrain,
 )
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("img2dataset", "index")
 _HEADER = ("caption", "url")
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "Conceptual Captions (TSV + downloaded images) -> cc3m_<split>.json"
 
 
 def iter_tsv(path: Path) -> Iterator[tuple[int, str, str]]:
@@ -129,13 +131,12 @@ def img2dataset_entries(
         if sample.caption is None:
             stats["skipped_no_caption"] += 1
             continue
-        caption = transform(sample.caption.strip())
-        if not caption.strip():
-            stats["skipped_empty_captions"] += 1
+        entry = caption_entry(relative, sample.caption, transform, prefix, stats)
+        if entry is None:
             continue
         if sample.url:
             urls.add(sample.url.strip())
-        entries.append({"image": join_image_path(prefix, relative), "caption": caption})
+        entries.append(entry)
     return entries, urls, stats
 
 
@@ -157,22 +158,13 @@ def index_entries(
     show_progress: bool | None,
 ) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Entries for images named by TSV row number, with their TSV captions."""
-    files: dict[int, str] = {}
-    duplicates = 0
-    for relative in scan_images(images_dir, show_progress):
-        index = parse_index_stem(relative)
-        if index is None:
-            continue
-        if index in files:
-            duplicates += 1
-            continue
-        files[index] = relative
+    files, ignored = index_images(images_dir, parse_index_stem, show_progress)
     entries: list[dict[str, str]] = []
     stats = {
         "rows": 0,
         "rows_with_image": 0,
         "skipped_empty_captions": 0,
-        "duplicate_image_names_ignored": duplicates,
+        "duplicate_image_names_ignored": len(ignored),
     }
     for row, raw, _ in progress(iter_tsv(tsv), "CC3M rows", None, show_progress):
         stats["rows"] += 1
@@ -180,11 +172,9 @@ def index_entries(
         if relative is None:
             continue
         stats["rows_with_image"] += 1
-        caption = transform(raw.strip())
-        if not caption.strip():
-            stats["skipped_empty_captions"] += 1
-            continue
-        entries.append({"image": join_image_path(prefix, relative), "caption": caption})
+        entry = caption_entry(relative, raw, transform, prefix, stats)
+        if entry is not None:
+            entries.append(entry)
     stats["rows_without_image"] = stats["rows"] - stats["rows_with_image"]
     return entries, stats
 
@@ -233,21 +223,13 @@ def prepare_cc3m(
         else:
             reason = "no --tsv given" if tsv is None else "the .json side-car files have no url"
             summary.notes.append(f"TSV rows with an image: unknown ({reason})")
-    write_json_list(out, entries)
-    n_images = len({entry["image"] for entry in entries})
-    summary.outputs.append(OutputCount("pretrain", out, len(entries), n_images, len(entries)))
-    summary.notes.append(paper_comparison("cc3m", n_images, len(entries)))
+    write_pretrain(summary, out, entries)
     return summary
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cc3m`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "cc3m",
-        help="Conceptual Captions (TSV + downloaded images) -> cc3m_<split>.json",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "cc3m", HELP, __doc__, run)
     parser.add_argument("--images", type=Path, required=True, help="download directory")
     parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. cc3m_train.json")
     parser.add_argument("--tsv", type=Path, help="Train_GCC-training.tsv (or the validation TSV)")
@@ -256,19 +238,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--index-base", type=int, default=0, help="number of the first TSV row for --layout index"
     )
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> PrepareSummary:
     """Run the ``cc3m`` subcommand."""
-    return prepare_cc3m(
-        images_dir=args.images,
-        out=args.out,
-        tsv=args.tsv,
-        layout=args.layout,
-        index_base=args.index_base,
-        image_prefix=args.image_prefix,
-        clean_captions=args.clean_captions,
-        max_words=args.max_words,
-        show_progress=progress_flag(args),
-    )
+    return call_converter(prepare_cc3m, args, images_dir="images")

@@ -35,13 +35,15 @@ from model.data.prepare import (
     PrepareError,
     PrepareSummary,
     add_common_arguments,
+    call_converter,
     caption_transform,
     count_captions,
     count_images,
     join_image_path,
+    new_subparser,
+    note_raw_captions,
     paper_comparison,
     progress,
-    progress_flag,
     read_json,
     require_file,
     write_json_list,
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 # val2014 set that Karpathy's split hands to training.
 SPLIT_TO_OUTPUT = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 _MAX_EXAMPLES = 10
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "COCO 2014 + Karpathy split -> coco_{train,val,test,pretrain}.json"
 
 
 @dataclass(frozen=True)
@@ -322,19 +326,13 @@ def prepare_coco(
     pre = summary.output("pretrain")
     summary.notes.append(paper_comparison("coco", pre.images, pre.captions))
     summary.notes.append("pre-training file = Karpathy train + restval (as ALBEF's coco.json)")
-    if not clean_captions:
-        summary.notes.append("captions stored raw; ALBEF's pre_caption runs at load time")
+    note_raw_captions(summary, clean_captions)
     return summary
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``coco`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "coco",
-        help="COCO 2014 + Karpathy split -> coco_{train,val,test,pretrain}.json",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "coco", HELP, __doc__, run)
     parser.add_argument("--karpathy", type=Path, required=True, help="dataset_coco.json")
     parser.add_argument(
         "--official",
@@ -348,18 +346,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="output directory")
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> PrepareSummary:
     """Run the ``coco`` subcommand."""
-    return prepare_coco(
-        karpathy=args.karpathy,
-        out_dir=args.out_dir,
-        official=args.official,
-        strict=args.strict,
-        image_prefix=args.image_prefix,
-        clean_captions=args.clean_captions,
-        max_words=args.max_words,
-        show_progress=progress_flag(args),
-    )
+    return call_converter(prepare_coco, args)

@@ -30,7 +30,9 @@ from model.data.prepare import (
     PAPER_COUNTS,
     PrepareError,
     iter_json_array,
+    new_subparser,
     progress,
+    progress_flag,
     write_json_list,
     write_text,
 )
@@ -38,6 +40,8 @@ from model.data.prepare import (
 logger = logging.getLogger(__name__)
 
 SOURCES = ("coco", "vg", "sbu", "cc3m")
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "join coco/vg/sbu/cc3m pre-training files into pretrain_4m.json + counts table"
 
 
 @dataclass
@@ -191,12 +195,7 @@ def combine(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``combine`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "combine",
-        help="join coco/vg/sbu/cc3m pre-training files into pretrain_4m.json + counts table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "combine", HELP, __doc__, run)
     for source in SOURCES:
         parser.add_argument(
             f"--{source}", type=Path, nargs="+", default=[], help=f"{source} pre-training file(s)"
@@ -209,7 +208,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="do not write the combined JSON; only the manifest and the counts",
     )
     parser.add_argument("--no-progress", action="store_true", help="never show progress bars")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> CombineResult:
@@ -219,5 +217,5 @@ def run(args: argparse.Namespace) -> CombineResult:
         out_dir=args.out_dir,
         name=args.name,
         write_combined=not args.manifest_only,
-        show_progress=False if args.no_progress else None,
+        show_progress=progress_flag(args),
     )

@@ -17,8 +17,10 @@ from pathlib import Path
 from model.data.prepare import (
     PrepareSummary,
     add_common_arguments,
+    call_converter,
     caption_transform,
-    progress_flag,
+    new_subparser,
+    note_raw_captions,
 )
 from model.data.prepare.coco import (
     build_split_entries,
@@ -28,6 +30,8 @@ from model.data.prepare.coco import (
 )
 
 DEFAULT_IMAGE_DIR = "flickr30k-images"
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "Flickr30K + Karpathy split -> flickr_{train,val,test}.json"
 
 
 def prepare_flickr(
@@ -56,19 +60,13 @@ def prepare_flickr(
     entries, skipped = build_split_entries(images, transform, image_prefix)
     summary.stats["skipped_empty_captions"] = skipped
     summary.outputs = write_karpathy_outputs(entries, out_dir, "flickr", pretrain=False)
-    if not clean_captions:
-        summary.notes.append("captions stored raw; ALBEF's pre_caption runs at load time")
+    note_raw_captions(summary, clean_captions)
     return summary
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``flickr`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "flickr",
-        help="Flickr30K + Karpathy split -> flickr_{train,val,test}.json",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "flickr", HELP, __doc__, run)
     parser.add_argument("--karpathy", type=Path, required=True, help="dataset_flickr30k.json")
     parser.add_argument(
         "--image-dir",
@@ -77,17 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="output directory")
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> PrepareSummary:
     """Run the ``flickr`` subcommand."""
-    return prepare_flickr(
-        karpathy=args.karpathy,
-        out_dir=args.out_dir,
-        image_dir=args.image_dir,
-        image_prefix=args.image_prefix,
-        clean_captions=args.clean_captions,
-        max_words=args.max_words,
-        show_progress=progress_flag(args),
-    )
+    return call_converter(prepare_flickr, args)

@@ -25,29 +25,35 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from model.data.prepare import (
-    OutputCount,
     PrepareError,
     PrepareSummary,
     add_common_arguments,
+    call_converter,
+    caption_entry,
     caption_transform,
-    join_image_path,
-    paper_comparison,
+    index_images,
+    new_subparser,
     parse_index_stem,
     progress,
-    progress_flag,
     read_text_lines,
-    scan_images,
-    write_json_list,
+    write_pretrain,
 )
 
 logger = logging.getLogger(__name__)
 
 NAMINGS = ("basename", "index")
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "SBU Captions (url + caption text files, downloaded images) -> sbu.json"
 
 
 def url_basename(url: str) -> str:
     """The last path component of a URL (query and fragment ignored)."""
     return urlsplit(url.strip()).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _file_name(relative: str) -> str:
+    """The last component of a '/'-separated relative path."""
+    return relative.rsplit("/", 1)[-1]
 
 
 def index_downloads(
@@ -59,19 +65,12 @@ def index_downloads(
         ``(key → path relative to images_dir, number of ignored duplicate keys)``. With
         duplicates the first path in sorted order wins, so reruns pick the same file.
     """
-    found: dict[str | int, str] = {}
-    duplicates = 0
-    for relative in scan_images(images_dir, show_progress):
-        key: str | int | None
-        key = relative.rsplit("/", 1)[-1] if naming == "basename" else parse_index_stem(relative)
-        if key is None:
-            continue
-        if key in found:
-            duplicates += 1
-            logger.debug("duplicate download %s (keeping %s)", relative, found[key])
-            continue
-        found[key] = relative
-    return found, duplicates
+    key: Callable[[str], str | int | None]
+    key = _file_name if naming == "basename" else parse_index_stem
+    found, ignored = index_images(images_dir, key, show_progress)
+    for relative, kept in ignored:
+        logger.debug("duplicate download %s (keeping %s)", relative, kept)
+    return found, len(ignored)
 
 
 def read_aligned(urls: Path, captions: Path) -> tuple[list[str], list[str]]:
@@ -106,11 +105,9 @@ def build_entries(
         if relative is None:
             stats["rows_without_image"] += 1
             continue
-        caption = transform(caption_lines[line].strip())
-        if not caption.strip():
-            stats["skipped_empty_captions"] += 1
-            continue
-        entries.append({"image": join_image_path(prefix, relative), "caption": caption})
+        entry = caption_entry(relative, caption_lines[line], transform, prefix, stats)
+        if entry is not None:
+            entries.append(entry)
     return entries, stats
 
 
@@ -158,11 +155,8 @@ def prepare_sbu(
     stats["rows_with_image"] = stats["rows"] - stats["rows_without_image"]
     stats["image_files_found"] = len(downloads)
     stats["duplicate_image_names_ignored"] = duplicates
-    write_json_list(out, entries)
-    n_images = len({entry["image"] for entry in entries})
     summary = PrepareSummary("sbu", stats=stats)
-    summary.outputs.append(OutputCount("pretrain", out, len(entries), n_images, len(entries)))
-    summary.notes.append(paper_comparison("sbu", n_images, len(entries)))
+    write_pretrain(summary, out, entries)
     if not entries:
         summary.notes.append(
             f"no line matched a file in {images_dir}; check --naming ({naming}) and --index-base"
@@ -172,12 +166,7 @@ def prepare_sbu(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``sbu`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "sbu",
-        help="SBU Captions (url + caption text files, downloaded images) -> sbu.json",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "sbu", HELP, __doc__, run)
     parser.add_argument(
         "--urls", type=Path, required=True, help="SBU_captioned_photo_dataset_urls.txt"
     )
@@ -196,20 +185,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--index-base", type=int, default=0, help="number of the first line for --naming index"
     )
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> PrepareSummary:
     """Run the ``sbu`` subcommand."""
-    return prepare_sbu(
-        urls=args.urls,
-        captions=args.captions,
-        images_dir=args.images,
-        out=args.out,
-        naming=args.naming,
-        index_base=args.index_base,
-        image_prefix=args.image_prefix,
-        clean_captions=args.clean_captions,
-        max_words=args.max_words,
-        show_progress=progress_flag(args),
-    )
+    return call_converter(prepare_sbu, args, images_dir="images")

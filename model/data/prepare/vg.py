@@ -26,16 +26,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from model.data.prepare import (
-    OutputCount,
     PrepareError,
     PrepareSummary,
     add_common_arguments,
+    add_pretrain_output,
+    call_converter,
     caption_transform,
     iter_json_array,
     join_image_path,
-    paper_comparison,
+    new_subparser,
+    note_raw_captions,
     progress,
-    progress_flag,
     read_json,
     require_dir,
     write_json_list,
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 VG_FOLDERS = ("VG_100K", "VG_100K_2")
 # Number of images in Visual Genome 1.2; only used to size the progress bar.
 _VG_IMAGES = 108_077
+# One-line description in ``python -m model.data.prepare --help``.
+HELP = "Visual Genome region descriptions -> vg.json (pre-training)"
 
 
 @dataclass(frozen=True)
@@ -257,12 +260,10 @@ def prepare_vg(
     tally = _VgTally()
     entries = write_json_list(out, _stream_entries(region_descriptions, opts, tally, show_progress))
     summary = PrepareSummary("vg", stats=tally.stats)
-    summary.outputs.append(OutputCount("pretrain", out, entries, tally.images, tally.captions))
-    summary.notes.append(paper_comparison("vg", tally.images, tally.captions))
+    add_pretrain_output(summary, out, entries, tally.images, tally.captions)
     if exclude_coco_karpathy is None:
         summary.notes.append("COCO Karpathy val/test images NOT excluded (--exclude-coco-karpathy)")
-    if not clean_captions:
-        summary.notes.append("captions stored raw; ALBEF's pre_caption runs at load time")
+    note_raw_captions(summary, clean_captions)
     if tally.stats["images_without_metadata"]:
         logger.warning(
             "%d images of %s have no record in %s and were left out",
@@ -275,12 +276,7 @@ def prepare_vg(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``vg`` on the ``python -m model.data.prepare`` command line."""
-    parser = subparsers.add_parser(
-        "vg",
-        help="Visual Genome region descriptions -> vg.json (pre-training)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_subparser(subparsers, "vg", HELP, __doc__, run)
     parser.add_argument("--regions", type=Path, required=True, help="region_descriptions.json")
     parser.add_argument("--image-data", type=Path, required=True, help="image_data.json")
     parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. vg.json")
@@ -297,20 +293,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dedupe-phrases", action="store_true", help="drop repeated phrases within an image"
     )
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> PrepareSummary:
     """Run the ``vg`` subcommand."""
-    return prepare_vg(
-        region_descriptions=args.regions,
-        image_data=args.image_data,
-        out=args.out,
-        images_dir=args.images,
-        exclude_coco_karpathy=args.exclude_coco_karpathy,
-        dedupe_phrases=args.dedupe_phrases,
-        image_prefix=args.image_prefix,
-        clean_captions=args.clean_captions,
-        max_words=args.max_words,
-        show_progress=progress_flag(args),
-    )
+    return call_converter(prepare_vg, args, region_descriptions="regions", images_dir="images")
