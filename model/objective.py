@@ -237,9 +237,10 @@ class Objective(nn.Module):
         return loss
 
     # ----------------------------------------------------------------------------- step
-    def forward(self, batch: dict[str, Tensor], alpha: float) -> StepOutput:
+    def forward(self, batch: dict[str, Tensor], alpha: float, enqueue: bool = True) -> StepOutput:
         """One training step's losses. batch: image (B,3,H,W), input_ids/attention_mask (B,L),
-        optional image_strong (B,3,H,W) and image_idx (B,). ``alpha``: distillation weight."""
+        optional image_strong (B,3,H,W) and image_idx (B,). ``alpha``: distillation weight;
+        ``enqueue``: push this step's momentum features into the queues (ALBEF: always)."""
         s = self.settings
         if not s.retrieval:  # ALBEF clamps temp in pre-training only (pitfall 13)
             with torch.no_grad():
@@ -252,7 +253,8 @@ class Objective(nn.Module):
             t_img = self.teacher.encode_image(inp.teacher_images)
             t_txt = self.teacher.encode_text(inp.clean_ids, inp.attention_mask)
         loss_itc, sim_i2t, sim_t2i = self._itc(img, txt, t_img, t_txt, inp.idx, alpha)
-        self.queue.enqueue(t_img.feat, t_txt.feat, inp.idx)
+        if enqueue:
+            self.queue.enqueue(t_img.feat, t_txt.feat, inp.idx)
         itm = self._itm(img, txt, inp, sim_i2t, sim_t2i)
         losses = {"itc": loss_itc, "itm": itm.loss}
         if s.mlm_weight > 0:

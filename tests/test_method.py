@@ -135,7 +135,6 @@ INERT_WHEN_OFF = (
     "softmask.apply_to=itm_mlm",
     "loss.focal_detach=true",
     "mmda.strong_image=false",
-    "mmda.color_jitter=0.1",
 )
 
 

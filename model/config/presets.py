@@ -28,13 +28,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "init": None,
             },
             "embed_dim": 32,
-            "queue_size": 1024,
+            # From random init, ALBEF's 0.995 / 65536 (tuned for pretrained encoders and ~200k
+            # steps) would leave the teacher and queue near their untrained state for most of a
+            # 500-step run; a faster EMA, a shorter queue and a queue warm-up let it learn.
+            "queue_size": 256,
+            "momentum": 0.9,
+            "queue_warmup_steps": 60,
         },
         "data": {
             "kind": "synthetic",
             "train_files": [],
             "tokenizer": "synthetic",
-            "hflip": False,
+            "hflip": False,  # captions name left/right
+            "crop_min_scale": 0.8,
+            "randaugment": False,
             "num_workers": 1,
             "max_tokens": 25,
             # 200 test images (1000 captions): chance R@1 is 0.5% / 0.1%.
@@ -44,16 +51,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 32,
             "epochs": 4,
             "max_steps": None,
-            "lr": 5e-4,
-            "min_lr": 5e-5,
-            "warmup_lr": 5e-5,
-            "warmup_steps": 5,
-            "warmup_every": 20,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_lr": 1e-4,
+            "warmup_steps": 2,
+            "warmup_every": 10,
             "log_every": 20,
             "checkpoint_every": 200,
         },
         "softmask": {"layer": 1},
-        "eval": {"k_test": 16, "batch_size": 128},
+        "downstream": [],
+        "eval": {"k_test": 16, "batch_size": 128, "cache_features": True},
     },
 }
 

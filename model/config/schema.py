@@ -87,8 +87,14 @@ class ModelConfig:
     temp: float = 0.07
     queue_size: int = 65536
     momentum: float = 0.995
+    # Steps before momentum features start entering the queues (ALBEF: 0). Only for training
+    # from random init (the tiny preset): enqueuing the near-identical features of an untrained
+    # encoder fills the queue with copies of the positives' direction and stalls learning.
+    queue_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.queue_warmup_steps >= 0, "queue_warmup_steps",
+               f"must be >= 0, got {self.queue_warmup_steps}")
         _check(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
         _check(0.0 < self.momentum < 1.0, "momentum", f"must be in (0, 1), got {self.momentum}")
         _check(self.queue_size >= 1, "queue_size", f"must be >= 1, got {self.queue_size}")
@@ -152,18 +158,13 @@ class MMDAConfig:
     """Multi-modal data augmentation (method-spec §3).
 
     enabled: the student sees a strong image view and masked text in the unimodal text encoder;
-    ITM and MLM then share one fusion forward over (masked text, image).
+    ITM and MLM then share one fusion forward over (masked text, image). The strong view's
+    operations are fixed in model/data/transforms.py (crop, ColorJitter, RandAugment, blur).
     """
 
     enabled: bool = False
     strong_image: bool = True
     masked_text: bool = True
-    color_jitter: float = 0.4
-    blur: bool = True
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.color_jitter <= 1.0, "color_jitter",
-               f"must be in [0, 1], got {self.color_jitter}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,11 @@ class DataConfig:
     max_tokens: int = 25
     eval_max_tokens: int = 30
     hflip: bool = True
+    # RandomResizedCrop's minimum area; None = ALBEF's (0.2 pre-training, 0.5 fine-tuning). Small
+    # synthetic scenes need a milder crop, or one of two objects is often cut out of view.
+    crop_min_scale: float | None = None
+    # ALBEF's RandAugment in the standard (teacher / non-MMDA) view; the MMDA strong view keeps it.
+    randaugment: bool = True
     num_workers: int = 4
     cache_dir: str = "data_cache"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -198,6 +204,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.crop_min_scale is not None:
+            _check(0.0 < self.crop_min_scale <= 1.0, "crop_min_scale",
+                   f"must be in (0, 1], got {self.crop_min_scale}")
         if self.kind == "albef_json":
             _check(len(self.train_files) > 0, "train_files",
                    "must list at least one annotation file when kind = albef_json")
@@ -247,6 +256,9 @@ class EvalConfig:
     k_test: int = 256
     batch_size: int = 64
     image_size: int | None = None
+    # Keep the split's features next to the checkpoint so re-ranking variants reuse them
+    # (~9 GB for COCO 5K at 384 px, hence off by default).
+    cache_features: bool = False
 
     def __post_init__(self) -> None:
         _check(self.k_test >= 1, "k_test", f"must be >= 1, got {self.k_test}")

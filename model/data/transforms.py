@@ -135,6 +135,7 @@ def build_transform(
     image_size: int,
     hflip: bool = True,
     crop_scale: tuple[float, float] | None = None,
+    randaugment: bool = True,
 ) -> ImageTransform:
     """Build one of ALBEF's image transforms or the method's strong view.
 
@@ -154,6 +155,9 @@ def build_transform(
         hflip: Random horizontal flip for the random kinds (ignored by ``test``).
         crop_scale: Override of the RandomResizedCrop area range (ignored by ``test``); e.g. a
             milder range keeps both objects of a synthetic scene in view.
+        randaugment: Keep ALBEF's RandAugment in the standard views (``strong`` always keeps
+            it). Off for the synthetic set, where Equalize/AutoContrast on its noisy background
+            repaint the very colours the captions name.
 
     Returns:
         A callable mapping a PIL RGB image to a float32 tensor (3, image_size, image_size).
@@ -179,7 +183,8 @@ def build_transform(
     ops.append(v2.ToImage())  # the photometric ops below run on uint8 tensors
     if kind == "strong":
         ops.append(v2.ColorJitter(*STRONG_COLOR_JITTER))
-    ops.append(AlbefRandAugment())
+    if randaugment or kind == "strong":  # the strong view always keeps its RandAugment
+        ops.append(AlbefRandAugment())
     if kind == "strong":
         ops.append(v2.GaussianBlur(blur_kernel_size(image_size), sigma=STRONG_BLUR_SIGMA))
     return v2.Compose([*ops, *_to_normalised_tensor()])
@@ -209,13 +214,18 @@ class MultiView:
 
 
 def build_multiview(
-    image_size: int, hflip: bool = True, crop_scale: tuple[float, float] | None = None
+    image_size: int,
+    hflip: bool = True,
+    crop_scale: tuple[float, float] | None = None,
+    randaugment: bool = True,
 ) -> MultiView:
     """The method's two views: ALBEF's pre-training view ``image`` and the strong view
     ``image_strong`` (teacher and student inputs under multi-modal data augmentation)."""
     return MultiView(
         {
-            "image": build_transform("pretrain", image_size, hflip=hflip, crop_scale=crop_scale),
+            "image": build_transform(
+                "pretrain", image_size, hflip=hflip, crop_scale=crop_scale, randaugment=randaugment
+            ),
             "image_strong": build_transform(
                 "strong", image_size, hflip=hflip, crop_scale=crop_scale
             ),

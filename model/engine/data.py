@@ -72,10 +72,12 @@ def special_ids(tokenizer: TextTokenizer) -> SpecialIds:
 def train_transform(cfg: ExperimentConfig):
     """ALBEF's pre-training (or fine-tuning) view; with MMDA also the strong student view."""
     size, hflip = cfg.model.vision.image_size, cfg.data.hflip
+    crop = (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
+    ra = cfg.data.randaugment
     if cfg.mmda.enabled and cfg.mmda.strong_image:
-        return build_multiview(size, hflip=hflip)
+        return build_multiview(size, hflip=hflip, crop_scale=crop, randaugment=ra)
     kind = "finetune" if cfg.train.mode == "retrieval" else "pretrain"
-    return build_transform(kind, size, hflip=hflip)
+    return build_transform(kind, size, hflip=hflip, crop_scale=crop, randaugment=ra)
 
 
 @dataclass

@@ -31,6 +31,7 @@ def train_step(
     batch: dict[str, torch.Tensor],
     alpha: float,
     precision: str = "fp32",
+    enqueue: bool = True,
 ) -> StepOutput:
     """Forward (``Objective`` or its DDP wrapper), backward, optimizer step.
 
@@ -40,7 +41,7 @@ def train_step(
     device = next(iter(_params(objective))).device
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(device, precision):
-        out: StepOutput = objective(batch, alpha)
+        out: StepOutput = objective(batch, alpha, enqueue)
     out.loss.backward()
     optimizer.step()
     return StepOutput(

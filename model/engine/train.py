@@ -166,7 +166,8 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
         alpha = alpha_at(cfg.loss.alpha, cfg.loss.alpha_warmup, st.epoch, st.batch, per_epoch)
         set_lr(tr.optimizer, lr)
         out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), alpha,
-                         cfg.train.precision)
+                         cfg.train.precision,
+                         enqueue=st.global_step >= cfg.model.queue_warmup_steps)
         st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
         bar.update(1)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == stop_at or \

@@ -243,6 +243,67 @@ def _display_image(image: Image.Image, panel: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- library
+def _gallery_maps(student: ALBEF, tokenizer, images: Sequence[Image.Image],
+                  captions: Sequence[str], transform: Callable[[Image.Image], Tensor], layer: int,
+                  max_tokens: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tokenise and transform the pairs, then :func:`compute_gradcam`.
+
+    Returns:
+        input ids (B, L), attention mask (B, L), maps (B, L, N) and ITM logits (B, 2).
+    """
+    batch_images = torch.stack([transform(im.convert("RGB")) for im in images]).to(device)
+    tok = tokenizer(list(captions), max_length=max_tokens, padding="longest", truncation=True)
+    ids, att = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    maps, logits = compute_gradcam(student, batch_images, ids, att, layer)
+    return ids, att, maps, logits
+
+
+def _grid_side(n_patches: int) -> int:
+    side = int(round(math.sqrt(n_patches)))
+    if side * side != n_patches:
+        raise ValueError(f"{n_patches} patches do not form a square grid")
+    return side
+
+
+def _fit_panel_size(panel_size: int, side: int) -> int:
+    """Round ``panel_size`` to a multiple of the grid side (the mask is drawn patch-exact)."""
+    if panel_size % side:
+        panel_size = side * max(1, round(panel_size / side))
+    return panel_size
+
+
+def _mask_positions(real: Tensor, mask_word: int | None, seed: int) -> Tensor:
+    """Token position (per caption) of the word whose soft mask is shown; 0 ([CLS]) if none."""
+    if mask_word is None:
+        return choose_words(real, torch.Generator().manual_seed(seed))
+    words = torch.zeros(real.shape[0], dtype=torch.long)
+    for b in range(real.shape[0]):
+        positions = real[b].nonzero().flatten()
+        if len(positions):
+            words[b] = positions[min(max(mask_word, 0), len(positions) - 1)]
+    return words
+
+
+def _gallery_row(caption: str, tokens: list[str], positions: list[int], maps: Tensor,
+                 chosen: int, mask: Tensor, itm_score: float, side: int, panel_size: int,
+                 blur: bool, max_words: int) -> GalleryRow:
+    """One row's arrays: ``maps`` (L, N) and ``mask`` (N,) are that caption's, on any device."""
+    shown = positions[:max_words]
+    grids = maps[shown].reshape(len(shown), side, side).cpu()
+    heat = (torch.stack([heat_from_map(g, panel_size, blur) for g in grids]) if shown
+            else torch.zeros(0, panel_size, panel_size))
+    return GalleryRow(
+        caption=caption,
+        words=[tokens[p] for p in shown],
+        positions=shown,
+        maps=grids.numpy(),
+        heat=heat.numpy(),
+        mask_word=shown.index(chosen) if chosen in shown else -1,
+        mask=mask.reshape(side, side).cpu().numpy(),
+        itm_score=itm_score,
+    )
+
+
 def gradcam_gallery(
     student: ALBEF,
     tokenizer,
@@ -291,49 +352,22 @@ def gradcam_gallery(
 
         captions = [pre_caption(c) for c in captions]
     device = next(student.parameters()).device
-    batch_images = torch.stack([transform(im.convert("RGB")) for im in images]).to(device)
-    tok = tokenizer(list(captions), max_length=max_tokens, padding="longest", truncation=True)
-    ids, att = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-    maps, logits = compute_gradcam(student, batch_images, ids, att, layer)
-    n_patches = maps.shape[-1]
-    side = int(round(math.sqrt(n_patches)))
-    if side * side != n_patches:
-        raise ValueError(f"{n_patches} patches do not form a square grid")
-    if panel_size % side:
-        panel_size = side * max(1, round(panel_size / side))
+    ids, att, maps, logits = _gallery_maps(student, tokenizer, images, captions, transform,
+                                           layer, max_tokens, device)
+    side = _grid_side(maps.shape[-1])
+    panel_size = _fit_panel_size(panel_size, side)
 
     real = real_word_mask(ids, att, _special_tensor(tokenizer, device))
-    if mask_word is None:
-        words = choose_words(real, torch.Generator().manual_seed(seed))
-    else:
-        words = torch.zeros(len(captions), dtype=torch.long)
-        for b in range(len(captions)):
-            positions = real[b].nonzero().flatten()
-            if len(positions):
-                words[b] = positions[min(max(mask_word, 0), len(positions) - 1)]
-    words = words.to(device)
+    words = _mask_positions(real, mask_word, seed).to(device)
     masks = soft_mask_from_maps(maps, words)  # the training function: 1 - minmax(G[t])
     probs = logits.float().softmax(dim=-1)[:, 1]
 
-    rows: list[GalleryRow] = []
-    for b in range(len(captions)):
-        positions = real[b].nonzero().flatten().tolist()
-        shown = positions[:max_words]
-        tokens = tokenizer.convert_ids_to_tokens(ids[b].cpu())
-        grids = maps[b, shown].reshape(len(shown), side, side).cpu()
-        heat = (torch.stack([heat_from_map(g, panel_size, blur) for g in grids]) if shown
-                else torch.zeros(0, panel_size, panel_size))
-        chosen = int(words[b])
-        rows.append(GalleryRow(
-            caption=captions[b],
-            words=[tokens[p] for p in shown],
-            positions=shown,
-            maps=grids.numpy(),
-            heat=heat.numpy(),
-            mask_word=shown.index(chosen) if chosen in shown else -1,
-            mask=masks[b].reshape(side, side).cpu().numpy(),
-            itm_score=float(probs[b]),
-        ))
+    rows = [
+        _gallery_row(captions[b], tokenizer.convert_ids_to_tokens(ids[b].cpu()),
+                     real[b].nonzero().flatten().tolist(), maps[b], int(words[b]), masks[b],
+                     float(probs[b]), side, panel_size, blur, max_words)
+        for b in range(len(captions))
+    ]
     n_columns = 2 + max(len(r.words) for r in rows)
     shown_images = [_display_image(im, panel_size) for im in images]
     out = Path(out_path)
