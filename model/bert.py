@@ -12,6 +12,7 @@ Sub-module names equal BERT's, so checkpoint key mapping is a prefix rename (mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ def make_bert_config(
     hidden_dropout: float,
     attn_dropout: float,
     pad_token_id: int = 0,
+    init_std: float = 0.02,
 ) -> BertConfig:
     """A transformers ``BertConfig`` with ALBEF's fixed choices (exact GELU, LN eps 1e-12)."""
     return BertConfig(
@@ -52,6 +54,7 @@ def make_bert_config(
         layer_norm_eps=1e-12,
         type_vocab_size=2,
         pad_token_id=pad_token_id,
+        initializer_range=init_std,
     )
 
 
@@ -168,7 +171,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embeddings = BertEmbeddings(config)
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(num_layers))
-        self.apply(init_bert_weights)
+        self.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> hidden states (B, L, D)."""
@@ -195,7 +198,7 @@ class FusionEncoder(nn.Module):
         self.layer = nn.ModuleList(
             BertLayer(config, cross_width=image_width) for _ in range(num_layers)
         )
-        self.apply(init_bert_weights)
+        self.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def forward(
         self,
@@ -230,7 +233,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.transform.apply(init_bert_weights)
+        self.transform.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
         """hidden: (..., D) -> vocabulary logits (..., V)."""

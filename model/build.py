@@ -35,7 +35,7 @@ def build_albef(cfg: ModelConfig, vocab_size: int, pad_id: int = 0,
     """
     v, t = cfg.vision, cfg.text
     bert_cfg = make_bert_config(vocab_size, t.hidden, t.heads, t.intermediate, t.max_positions,
-                                t.hidden_dropout, t.attn_dropout, pad_id)
+                                t.hidden_dropout, t.attn_dropout, pad_id, t.init_std)
     return ALBEF(
         visual_encoder=build_vit(v.image_size, v.patch_size, v.width, v.depth, v.heads,
                                  v.mlp_ratio),

@@ -26,6 +26,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "intermediate": 128,
                 "max_positions": 40,
                 "init": None,
+                "init_std": 0.1,
             },
             "embed_dim": 32,
             # From random init, ALBEF's 0.995 / 65536 (tuned for pretrained encoders and ~200k
