@@ -3,7 +3,7 @@
     python scripts/update_readme.py
 
 Sections: ``<!-- ablation-tables:begin/end -->`` <- results/generated/summary.md and
-``<!-- cost-table:begin/end -->`` <- results/benchmarks/cost_table.md (when present).
+``<!-- cost-table:begin/end -->`` <- results/benchmarks/*/cost_table.md (when present).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "ablation-tables": [REPO / "results" / "generated" / "summary.md"],
-    "cost-table": [REPO / "results" / "benchmarks" / "cost_table_cpu.md",
-                   REPO / "results" / "benchmarks" / "cost_table_gpu.md"],
+    "cost-table": sorted((REPO / "results" / "benchmarks").glob("*/cost_table.md")),
 }
 
 

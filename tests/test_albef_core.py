@@ -415,5 +415,11 @@ def test_default_config_is_albef() -> None:
     assert (st.softmask, st.focal_gamma, st.mmda_strong_image, st.mmda_masked_text) == (
         "off", 0.0, False, False)
     assert (st.itc_weight, st.itm_weight, st.mlm_weight, st.mlm_prob) == (1.0, 1.0, 1.0, 0.15)
-    assert st.momentum == cfg.model.momentum == 0.995
+    assert st.momentum == cfg.model.momentum
     assert obj.student.temp.item() == pytest.approx(0.07)
+    # The schema itself is ALBEF's recipe (the tiny preset shortens EMA/queue for 500 steps).
+    from model.config.schema import ModelConfig, TextConfig
+
+    albef = ModelConfig()
+    assert (albef.momentum, albef.queue_size, albef.queue_warmup_steps) == (0.995, 65536, 0)
+    assert TextConfig().init_std == 0.02

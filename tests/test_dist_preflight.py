@@ -108,7 +108,7 @@ def test_cli_two_local_gloo_ranks_pass() -> None:
     """``python -m slurm.preflight --nprocs 2``: two spawned processes, exit 0, a PASS table."""
     proc = subprocess.run([sys.executable, "-m", "slurm.preflight", "--nprocs", "2",
                            "--timeout", "20", "--device", "cpu"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "preflight PASS: 2 rank(s)" in out
@@ -124,7 +124,8 @@ def test_rank_told_another_world_size_fails_in_bounded_time() -> None:
     results = spawn_local(2, timeout_s=timeout_s, device="cpu",
                           rank_env={1: {"WORLD_SIZE": "3"}})
     elapsed = time.monotonic() - t0
-    assert elapsed < 30 + hard_limit_s(timeout_s), elapsed
+    # Bounded, not fast: spawning two interpreters that import torch is slow on a loaded machine.
+    assert elapsed < 120 + hard_limit_s(timeout_s), elapsed
     ok, report = check_report(results, expected_world_size=2)
     assert not ok
     assert "ranks disagree on the world size: rank 0: 2, rank 1: 3" in report

@@ -51,7 +51,7 @@ def test_dry_run_validates_all_cells(capsys: pytest.CaptureFixture[str], tmp_pat
     rc = run_grid.main(["--dry-run", "--runs-root", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "22 runs validated, nothing submitted" in out
+    assert "11 runs validated, nothing submitted" in out  # tiny default: 1 seed per cell
     assert not (tmp_path / "softmask_ablation").exists()
 
 
