@@ -6,7 +6,6 @@ import torch
 from tiny import random_batch, tiny_objective
 
 
-
 def test_enqueue_false_leaves_queues_and_pointer_untouched() -> None:
     obj = tiny_objective()
     obj.train()
