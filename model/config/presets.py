@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "randaugment": False,
             "num_workers": 1,
             "max_tokens": 25,
-            # 200 test images (1000 captions): chance R@1 is 0.5% / 0.1%.
+            # 200 test images (1000 captions): chance TR@1 and IR@1 are both 0.5%.
             "synthetic": {"n_train_images": 4000, "n_test_images": 200},
         },
         "train": {
