@@ -285,8 +285,9 @@ class PhaseClock(nn.Module):
         synchronize(self.device)
         self.marks[name] = time.perf_counter()
 
-    def forward(self, batch: dict[str, Tensor], alpha: float, enqueue: bool = True) -> Any:
-        out = self.objective(batch, alpha, enqueue)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Pass whatever train_step hands the objective (batch, alpha, enqueue, ...) through.
+        out = self.objective(*args, **kwargs)
         self.mark("forward")
         return out
 
