@@ -176,6 +176,7 @@ def measure(case: Case, device: torch.device, steps: int, warmup: int, seed: int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI of ``python -m benchmarks.bench_memory`` (one variant, one case)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory",
                                      description="Peak memory of one variant (fresh process).")
     parser.add_argument("--variant", required=True, help="a variant name from cases.yaml")
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and print one JSON line; failures are a status in it, not an exit code."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -159,6 +159,7 @@ def run_retrieval_benchmark(preset: str, n_images: int, k: int, batch_size: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: time both re-rankers on a synthetic split and print the Markdown table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval",
                                      description="Retrieval re-ranking: batched vs loop.")
     parser.add_argument("--preset", default="tiny", help="a model name from cases.yaml")

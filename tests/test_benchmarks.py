@@ -65,7 +65,9 @@ def test_two_variants_two_iterations(tmp_path: Path, small_suite: Suite) -> None
     headers = [header for header, _ in COST_COLUMNS.values()]
     assert list(table.columns) == ["Method", *headers, "case"]
     assert list(table["Method"]) == ["ALBEF", "Ours"]
-    assert r"\begin{tabular}" in (tmp_path / "cost_table.tex").read_text(encoding="utf-8")
+    tex = (tmp_path / "cost_table.tex").read_text(encoding="utf-8")
+    assert r"\begin{tabular}" in tex
+    assert "^" not in tex and r"\textasciicircum{}" in tex  # caption specials escaped
     assert len(pd.read_csv(tmp_path / "iterations.csv")) == 4
     (tmp_path / "cost_table.md").unlink()
     rebuild_reports(tmp_path, small_suite)  # tables re-render from the raw files alone
