@@ -69,7 +69,12 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm_env, tmp_path: Path
     steps = _train_steps(spec.run_dir)
     assert result["status"] == "done" and result["resumed_from"] is not None
     assert 0 < result["resumed_from"] < max(steps)
-    assert steps.count(result["resumed_from"] + 1) == 2  # a step re-run after the resume
+    # The resume starts at a checkpoint (every 4 steps) and no step is skipped. Whether the first
+    # attempt logged steps past that checkpoint before the signal landed is a race, so the
+    # re-run step may appear once or twice.
+    assert result["resumed_from"] % 4 == 0
+    assert sorted(set(steps)) == list(range(1, max(steps) + 1))
+    assert steps.count(result["resumed_from"] + 1) in (1, 2)
     log = "\n".join(p.read_text() for p in (spec.run_dir.parent / ".submitit").rglob("*.out"))
     assert "preempted or timed out" in log
     # The same cell run uninterrupted, in this process, ends with identical metrics.
