@@ -97,6 +97,29 @@ def test_hflip_switch_and_crop_scale() -> None:
         build_transform("weak", 32)  # type: ignore[arg-type]
 
 
+def test_strong_ops_select_the_strong_views_operations() -> None:
+    """``mmda.strong_ops`` picks the strong view's photometric ops, in the fixed order; the
+    standard views keep following ``randaugment`` alone."""
+    def photometric(t: v2.Compose) -> list[type]:
+        kinds = (v2.ColorJitter, AlbefRandAugment, v2.GaussianBlur)
+        return [type(op) for op in t.transforms if isinstance(op, kinds)]
+
+    full = [v2.ColorJitter, AlbefRandAugment, v2.GaussianBlur]
+    assert photometric(build_transform("strong", 32)) == full
+    # order follows the pipeline, not the list
+    assert photometric(build_transform("strong", 32, strong_ops=("blur", "color_jitter"))) == [
+        v2.ColorJitter, v2.GaussianBlur]
+    assert photometric(build_transform("strong", 32, strong_ops=())) == []
+    assert photometric(build_transform("strong", 32, randaugment=False)) == full
+    assert photometric(build_transform("pretrain", 32, strong_ops=())) == [AlbefRandAugment]
+    assert photometric(build_transform("pretrain", 32, randaugment=False)) == []
+    with pytest.raises(ValueError, match="unknown strong_ops"):
+        build_transform("strong", 32, strong_ops=("solarize",))
+    views = build_multiview(32, randaugment=False, strong_ops=("color_jitter",)).views
+    assert photometric(views["image"]) == [] and photometric(views["image_strong"]) == [
+        v2.ColorJitter]
+
+
 def test_randaugment_uses_albef_op_pool() -> None:
     # The subclass relies on torchvision's op table; fail loudly if torchvision renames it.
     assert set(AlbefRandAugment._AUGMENTATION_SPACE) < set(v2.RandAugment._AUGMENTATION_SPACE)

@@ -664,6 +664,21 @@ def test_mmda_without_strong_view_is_an_error() -> None:
         obj(batch, 0.4)
 
 
+def test_mmda_strong_ops_are_validated_and_reach_the_strong_view() -> None:
+    from torchvision.transforms import v2
+
+    from model.engine.data import train_transform
+
+    cfg = load_experiment(preset="tiny", sets=["mmda.enabled=true",
+                                                "mmda.strong_ops=[color_jitter, blur]"])
+    strong = train_transform(cfg).views["image_strong"]
+    assert {type(op) for op in strong.transforms} >= {v2.ColorJitter, v2.GaussianBlur}
+    assert not any(isinstance(op, v2.RandAugment) for op in strong.transforms)
+    for bad, why in (("[colour_jitter]", "unknown operation"), ("[blur, blur]", "twice")):
+        with pytest.raises(ConfigError, match=f"mmda.strong_ops.*{why}"):
+            load_experiment(preset="tiny", sets=[f"mmda.strong_ops={bad}"])
+
+
 def test_mmda_shares_the_positive_pass_for_itm_and_mlm(monkeypatch) -> None:
     """The MLM student logits are computed from the positive ITM pass's hidden states."""
     obj = make_objective(make_cfg("mmda.enabled=true"))

@@ -18,6 +18,10 @@ from typing import Literal
 
 from model.config.loader import FieldError
 
+# The MMDA strong view's photometric operations, in the order they are applied (after crop and
+# flip); model/data/transforms.py builds them.
+STRONG_OPS: tuple[str, ...] = ("color_jitter", "randaugment", "blur")
+
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
@@ -163,13 +167,22 @@ class MMDAConfig:
     """Multi-modal data augmentation (method-spec §3).
 
     enabled: the student sees a strong image view and masked text in the unimodal text encoder;
-    ITM and MLM then share one fusion forward over (masked text, image). The strong view's
-    operations are fixed in model/data/transforms.py (crop, ColorJitter, RandAugment, blur).
+    ITM and MLM then share one fusion forward over (masked text, image). The strong view is
+    ALBEF's crop (and flip) followed by ``strong_ops`` in model/data/transforms.py's order;
+    the default is all of them (ColorJitter, RandAugment, Gaussian blur).
     """
 
     enabled: bool = False
     strong_image: bool = True
     masked_text: bool = True
+    strong_ops: tuple[str, ...] = STRONG_OPS
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.strong_ops if op not in STRONG_OPS]
+        _check(not unknown, "strong_ops", f"unknown operation(s) {unknown}; expected a subset "
+               f"of {list(STRONG_OPS)}")
+        _check(len(set(self.strong_ops)) == len(self.strong_ops), "strong_ops",
+               f"lists an operation twice: {list(self.strong_ops)}")
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,14 @@ reproduced, and torchvision's own RNG is used instead of NumPy's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
+from model.config.schema import STRONG_OPS
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -136,6 +138,7 @@ def build_transform(
     hflip: bool = True,
     crop_scale: tuple[float, float] | None = None,
     randaugment: bool = True,
+    strong_ops: Sequence[str] = STRONG_OPS,
 ) -> ImageTransform:
     """Build one of ALBEF's image transforms or the method's strong view.
 
@@ -155,9 +158,11 @@ def build_transform(
         hflip: Random horizontal flip for the random kinds (ignored by ``test``).
         crop_scale: Override of the RandomResizedCrop area range (ignored by ``test``); e.g. a
             milder range keeps both objects of a synthetic scene in view.
-        randaugment: Keep ALBEF's RandAugment in the standard views (``strong`` always keeps
-            it). Off for the synthetic set, where Equalize/AutoContrast on its noisy background
-            repaint the very colours the captions name.
+        randaugment: Keep ALBEF's RandAugment in the standard views (``strong`` decides by
+            ``strong_ops``). Off for the synthetic set, where Equalize/AutoContrast on its noisy
+            background repaint the very colours the captions name.
+        strong_ops: The strong view's photometric operations, a subset of
+            :data:`STRONG_OPS` (``color_jitter``, ``randaugment``, ``blur``); default all three.
 
     Returns:
         A callable mapping a PIL RGB image to a float32 tensor (3, image_size, image_size).
@@ -179,13 +184,18 @@ def build_transform(
         raise ValueError(
             f"build_transform: unknown kind {kind!r}; expected pretrain, finetune, test or strong"
         )
+    unknown = sorted(set(strong_ops) - set(STRONG_OPS))
+    if unknown:
+        raise ValueError(f"build_transform: unknown strong_ops {unknown}; expected a subset of "
+                         f"{list(STRONG_OPS)}")
     ops = _random_crop_and_flip(image_size, crop_scale or CROP_SCALES[kind], hflip)
     ops.append(v2.ToImage())  # the photometric ops below run on uint8 tensors
-    if kind == "strong":
+    strong = set(strong_ops) if kind == "strong" else set()
+    if "color_jitter" in strong:
         ops.append(v2.ColorJitter(*STRONG_COLOR_JITTER))
-    if randaugment or kind == "strong":  # the strong view always keeps its RandAugment
+    if (kind != "strong" and randaugment) or "randaugment" in strong:
         ops.append(AlbefRandAugment())
-    if kind == "strong":
+    if "blur" in strong:
         ops.append(v2.GaussianBlur(blur_kernel_size(image_size), sigma=STRONG_BLUR_SIGMA))
     return v2.Compose([*ops, *_to_normalised_tensor()])
 
@@ -218,6 +228,7 @@ def build_multiview(
     hflip: bool = True,
     crop_scale: tuple[float, float] | None = None,
     randaugment: bool = True,
+    strong_ops: Sequence[str] = STRONG_OPS,
 ) -> MultiView:
     """The method's two views: ALBEF's pre-training view ``image`` and the strong view
     ``image_strong`` (teacher and student inputs under multi-modal data augmentation)."""
@@ -227,7 +238,7 @@ def build_multiview(
                 "pretrain", image_size, hflip=hflip, crop_scale=crop_scale, randaugment=randaugment
             ),
             "image_strong": build_transform(
-                "strong", image_size, hflip=hflip, crop_scale=crop_scale
+                "strong", image_size, hflip=hflip, crop_scale=crop_scale, strong_ops=strong_ops
             ),
         }
     )

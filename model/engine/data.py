@@ -75,7 +75,8 @@ def train_transform(cfg: ExperimentConfig):
     crop = (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
     ra = cfg.data.randaugment
     if cfg.mmda.enabled and cfg.mmda.strong_image:
-        return build_multiview(size, hflip=hflip, crop_scale=crop, randaugment=ra)
+        return build_multiview(size, hflip=hflip, crop_scale=crop, randaugment=ra,
+                               strong_ops=cfg.mmda.strong_ops)
     kind = "finetune" if cfg.train.mode == "retrieval" else "pretrain"
     return build_transform(kind, size, hflip=hflip, crop_scale=crop, randaugment=ra)
 
