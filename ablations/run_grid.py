@@ -94,14 +94,10 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
     return errors
 
 
-def _tail(path: Path, n: int = 12) -> str:
-    lines = path.read_text(errors="replace").splitlines()
-    return "\n".join(lines[:1] + ["..."] + lines[-n:]) if len(lines) > n + 1 else "\n".join(lines)
-
-
 def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) -> int:
     from slurm.launch import run_local
     from slurm.resources import load_tier
+    from slurm.status import failure_tail
 
     parallel = args.max_parallel or 2
     # Split the machine's cores between the concurrent jobs (inherited by the subprocesses).
@@ -114,8 +110,11 @@ def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) ->
         bar.update(1)
         if exc is not None or run_status(sub.spec.run_dir) != "done":
             failures += 1
-            failed = sub.spec.run_dir / FAILED
-            detail = _tail(failed) if failed.exists() else str(exc)
+            run_dir = sub.spec.run_dir
+            # The FAILED marker's tail and the job log's: the same view as ``--status``.
+            detail = failure_tail(run_dir.parent, run_dir, str(sub.job.job_id))
+            if exc is not None and not (run_dir / FAILED).exists():
+                detail = f"{type(exc).__name__}: {exc}\n{detail}"
             tqdm.write(f"FAILED {sub.spec.run_id}:\n{detail}")
         else:
             tqdm.write(f"done   {sub.spec.run_id}")

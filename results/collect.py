@@ -134,7 +134,9 @@ def scan_runs(runs_dir: Path, grid: str | None = None) -> list[dict[str, Any]]:
     """One record per existing run directory (no de-duplication, no missing rows)."""
     records = []
     for grid_dir in _grid_dirs(Path(runs_dir), grid):
-        for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir()):
+        # Hidden folders (submitit's ``.submitit`` logs) are the launcher's, not runs.
+        for run_dir in sorted(p for p in grid_dir.iterdir()
+                              if p.is_dir() and not p.name.startswith(".")):
             record = _read_run(run_dir, grid_dir.name)
             if record is not None:
                 records.append(record)
