@@ -1,8 +1,9 @@
 """Peak memory of one variant's training step, measured in the process that runs this module.
 
-``benchmarks.bench_step`` starts ``python -m benchmarks.bench_memory ...`` once per variant, so
-no other variant's weights, no allocator cache and no Python heap growth from earlier work are
-in the number. The result is printed as one JSON line on stdout.
+``benchmarks.bench_step`` (through ``benchmarks.probes.probe_memory``) starts
+``python -m benchmarks.bench_memory ...`` once per variant, so no other variant's weights, no
+allocator cache and no Python heap growth from earlier work are in the number. The result is
+printed as one JSON line on stdout.
 
 What is measured:
 
@@ -43,17 +44,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_step import (
-    ALPHA,
+from benchmarks.cases import (
     DEFAULT_CASES,
     Case,
     build_variant,
-    describe_failure,
     load_suite,
     make_batch,
     select_cases,
-    synchronize,
 )
+from benchmarks.measure import ALPHA, describe_failure, synchronize
 from model.engine.step import train_step
 
 MIB = 2**20

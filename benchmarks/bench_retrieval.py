@@ -25,18 +25,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from benchmarks.bench_step import (
+from benchmarks.cases import (
     DEFAULT_CASES,
     Case,
     ModelSpec,
     TextSpec,
-    device_name,
-    environment,
     experiment_config,
     load_suite,
-    render_markdown,
-    synchronize,
 )
+from benchmarks.measure import device_name, environment, synchronize
+from benchmarks.report import render_markdown
 from model.albef import ALBEF
 from model.build import build_albef
 from model.engine.retrieval import (

@@ -1,27 +1,29 @@
-"""Smoke and schema tests of the cost benchmark (benchmarks/bench_step.py, bench_memory.py)."""
+"""Smoke and schema tests of the cost benchmark (benchmarks/bench_step.py, bench_memory.py),
+and of its submission path up to the scheduler (the real SLURM run is in
+test_benchmarks_slurm.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from benchmarks import bench_step
+from benchmarks import submit as bench_submit
 from benchmarks.bench_memory import measure
-from benchmarks.bench_step import (
-    COST_COLUMNS,
-    Suite,
-    load_suite,
-    make_batch,
-    paired_ratios,
-    probe_memory,
-    rebuild_reports,
-    run_benchmark,
-    select_cases,
-)
+from benchmarks.bench_step import run_benchmark
+from benchmarks.cases import DEFAULT_CASES, Suite, load_suite, make_batch, select_cases
+from benchmarks.job import BenchmarkJob, JobInterrupted, allocation_threads
+from benchmarks.measure import paired_ratios
+from benchmarks.probes import probe_memory
+from benchmarks.report import COST_COLUMNS, rebuild_reports
 
 RAW_COLUMNS = {
     "case": object, "variant": object, "label": object, "preset": object, "batch": "int",
@@ -33,17 +35,30 @@ RAW_COLUMNS = {
 }
 
 
+SMALL_PEAK = {"cpu": {"size": 128, "repeats": 2}}  # the 2048^3 default takes seconds
+# What a run with --breakdown writes into --out.
+OUTPUT_FILES = ("steps.csv", "iterations.csv", "environment.json", "cost_table.md",
+                "cost_table.tex", "cost_table.csv", "planning.md", "planning.csv",
+                "breakdown.md", "breakdown.csv")
+
+
 @pytest.fixture(scope="module")
 def small_suite() -> Suite:
-    """The real cases.yaml with a small matmul peak (the 2048^3 default takes seconds)."""
-    return dataclasses.replace(load_suite(), peak={"cpu": {"size": 128, "repeats": 2}})
+    """The real cases.yaml with a small matmul peak."""
+    return dataclasses.replace(load_suite(), peak=SMALL_PEAK)
 
 
-def test_two_variants_two_iterations(tmp_path: Path, small_suite: Suite) -> None:
-    cases = select_cases(small_suite, "cpu", ["tiny"], [4], ["fp32"], ["albef", "ours"])
-    df = run_benchmark(cases, "cpu", tmp_path, iters=2, warmup=1, suite=small_suite,
-                       breakdown=True, memory=False)
-    assert list(df["variant"]) == ["albef", "ours"]
+def write_small_cases(path: Path) -> Path:
+    """The real cases.yaml with a small matmul peak, as a file (for the CLI and for jobs)."""
+    raw = yaml.safe_load(DEFAULT_CASES.read_text(encoding="utf-8"))
+    raw["peak"] = {**raw["peak"], **SMALL_PEAK}
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def assert_raw_rows(df: pd.DataFrame, variants: Sequence[str], iters: int) -> None:
+    """steps.csv's schema and sanity of a run with FLOPs and --breakdown, all variants ok."""
+    assert list(df["variant"]) == list(variants)
     for column, dtype in RAW_COLUMNS.items():
         assert column in df, column
         if dtype is float:
@@ -54,21 +69,32 @@ def test_two_variants_two_iterations(tmp_path: Path, small_suite: Suite) -> None
                "ratio_paired_median", "ratio_of_medians", "flops", "mfu", "forward_s"]
     assert df[numeric].map(math.isfinite).all().all()
     assert (df["status"] == "ok").all()
-    assert (df["iters"] == 2).all()
+    assert (df["iters"] == iters).all()
     assert df.loc[df["variant"] == "albef", "ratio_paired_median"].item() == 1.0
     assert (df["flops"] > 0).all()
-    for name in ("steps.csv", "iterations.csv", "environment.json", "cost_table.md",
-                 "cost_table.tex", "cost_table.csv", "planning.md", "planning.csv",
-                 "breakdown.md", "breakdown.csv"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    table = pd.read_csv(tmp_path / "cost_table.csv")
+
+
+def assert_output_files(out: Path, methods: Sequence[str], iterations: int) -> None:
+    """Every output file present; cost_table.{csv,tex} with the expected columns and rows."""
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    table = pd.read_csv(out / "cost_table.csv")
     headers = [header for header, _ in COST_COLUMNS.values()]
     assert list(table.columns) == ["Method", *headers, "case"]
-    assert list(table["Method"]) == ["ALBEF", "Ours"]
-    tex = (tmp_path / "cost_table.tex").read_text(encoding="utf-8")
+    assert list(table["Method"]) == list(methods)
+    tex = (out / "cost_table.tex").read_text(encoding="utf-8")
     assert r"\begin{tabular}" in tex
     assert "^" not in tex and r"\textasciicircum{}" in tex  # caption specials escaped
-    assert len(pd.read_csv(tmp_path / "iterations.csv")) == 4
+    assert "| " + methods[-1] + " " in (out / "cost_table.md").read_text(encoding="utf-8")
+    assert len(pd.read_csv(out / "iterations.csv")) == iterations
+
+
+def test_two_variants_two_iterations(tmp_path: Path, small_suite: Suite) -> None:
+    cases = select_cases(small_suite, "cpu", ["tiny"], [4], ["fp32"], ["albef", "ours"])
+    df = run_benchmark(cases, "cpu", tmp_path, iters=2, warmup=1, suite=small_suite,
+                       breakdown=True, memory=False)
+    assert_raw_rows(df, ["albef", "ours"], iters=2)
+    assert_output_files(tmp_path, ["ALBEF", "Ours"], iterations=4)
     (tmp_path / "cost_table.md").unlink()
     rebuild_reports(tmp_path, small_suite)  # tables re-render from the raw files alone
     assert "| Ours " in (tmp_path / "cost_table.md").read_text(encoding="utf-8")
@@ -130,3 +156,85 @@ def test_retrieval_batched_equals_loop(tmp_path: Path) -> None:
     assert row["max_abs_score_diff"] < 1e-4
     assert math.isfinite(row["speedup"]) and row["speedup"] > 0
     assert (tmp_path / "retrieval.md").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- submission
+@pytest.fixture
+def no_submission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to queue a job fails the test: refusals must happen before submission."""
+
+    def refuse(sub: bench_submit.Submission) -> None:
+        raise AssertionError(f"submitted although the request is invalid: {sub}")
+
+    monkeypatch.setattr(bench_submit, "submit", refuse)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--device", "cuda", "--tier", "cpu"],
+     "resource tier 'cpu' has gpus_per_node=0"),
+    (["--variants", "albef", "nope"], "unknown variants ['nope']"),
+    (["--preset", "huge"], "unknown presets ['huge']"),
+    (["--tier", "3gpu"], "unknown resource tier '3gpu'"),
+    (["--precision", "bf16"], "bf16 autocast is CUDA-only"),
+    (["--report-only"], "--report-only measures nothing"),
+])
+def test_invalid_submission_fails_before_submitting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_submission: None,
+        extra: list[str], message: str) -> None:
+    out = tmp_path / "bench"
+    rc = bench_step.main(["--cluster", "slurm", "--preset", "tiny", "--batch", "4",
+                          "--out", str(out), *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: nothing submitted" in err and message in err, err
+    assert not out.exists()  # no submissions.jsonl, no submitit folder
+
+
+def test_bad_cases_file_fails_before_submitting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_submission: None) -> None:
+    rc = bench_step.main(["--cluster", "slurm", "--cases", str(tmp_path / "missing.yaml"),
+                          "--out", str(tmp_path / "bench")])
+    assert rc == 2
+    assert "cannot read the cases file" in capsys.readouterr().err
+
+
+def test_forwarded_arguments_drop_submission_options(tmp_path: Path) -> None:
+    parser = bench_step.build_parser()
+    # An abbreviated submission option must not reach the job either.
+    args = parser.parse_args(["--clus", "slurm", "--tier=cpu", "--wait", "--preset", "tiny",
+                              "--batch", "4", "8", "--no-memory", "--iters", "3",
+                              "--out", str(tmp_path / "rel")])
+    argv = bench_submit.forwarded_argv(args, parser)
+    assert argv == ["--preset", "tiny", "--batch", "4", "8", "--iters", "3", "--no-memory",
+                    "--cases", str(DEFAULT_CASES.resolve()), "--out", str(tmp_path / "rel")]
+    assert parser.parse_args(argv).cluster is None
+    assert bench_submit.default_tier("cuda:1") == "1gpu"
+    assert bench_submit.default_tier("cpu") == "cpu"
+
+
+def test_job_uses_the_allocation_and_is_never_requeued() -> None:
+    assert allocation_threads(["--iters", "2"], {"SLURM_CPUS_PER_TASK": "4"}) == [
+        "--iters", "2", "--threads", "4"]
+    assert allocation_threads(["--threads", "1"], {"SLURM_CPUS_PER_TASK": "4"}) == [
+        "--threads", "1"]
+    assert allocation_threads(["--iters", "2"], {}) == ["--iters", "2"]
+    # Called by submitit on preemption: it stops the run instead of returning a resubmission.
+    with pytest.raises(JobInterrupted, match="not requeued"):
+        BenchmarkJob().checkpoint(["--iters", "2"])
+
+
+def test_debug_cluster_runs_the_cli_path_and_records_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The debug executor runs the job in this process: the whole submission path, no SLURM."""
+    out = tmp_path / "bench"
+    rc = bench_step.main(["--cluster", "debug", "--cases", str(write_small_cases(
+        tmp_path / "cases.yaml")), "--preset", "tiny", "--batch", "2", "--variants", "albef",
+        "--iters", "1", "--warmup", "0", "--no-memory", "--no-flops", "--out", str(out)])
+    assert rc == 0
+    (record,) = [json.loads(line) for line in (out / "submissions.jsonl").read_text().splitlines()]
+    assert record["cluster"] == "debug" and record["tier"] == "cpu"
+    assert record["cases"] == ["tiny-b2-fp32"] and "--cluster" not in record["argv"]
+    printed = capsys.readouterr().out
+    assert f"job {record['job_id']}" in printed
+    assert printed.count("### tiny-b2-fp32") == 1  # printed by the job only
+    assert list(pd.read_csv(out / "steps.csv")["variant"]) == ["albef"]

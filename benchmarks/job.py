@@ -1,0 +1,74 @@
+"""The benchmark as a submitit job: ``python -m benchmarks.bench_step ARGV`` inside the job.
+
+The callable lives in an importable module because submitit pickles it by reference; a class
+defined in ``__main__`` could not be unpickled by the job process. It runs the very
+``bench_step.main`` a local run uses, with the submitted arguments minus the submission
+options, so a job's tables are the same files a local run writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import NoReturn
+
+log = logging.getLogger(__name__)
+
+
+def allocation_threads(argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
+    """``argv`` with ``--threads`` set to the job's CPU allocation when it does not say.
+
+    torch otherwise starts one intra-op thread per core of the whole node, which on a shared
+    node contends with other jobs and makes the timings depend on their load.
+    """
+    env = dict(os.environ) if env is None else env
+    cpus = env.get("SLURM_CPUS_PER_TASK", "")
+    if "--threads" in argv or not cpus.isdigit() or int(cpus) < 1:
+        return list(argv)
+    return [*argv, "--threads", cpus]
+
+
+class JobInterrupted(BaseException):
+    """Raised into the running benchmark when the job is preempted or near its time limit.
+
+    A ``BaseException`` on purpose: the benchmark records ``RuntimeError`` per variant (that is
+    how an out-of-memory step becomes a table row), so a ``RuntimeError`` raised at an arbitrary
+    point of a step would be taken for a failed variant and the run would go on.
+    """
+
+
+class BenchmarkJob:
+    """Runs ``benchmarks.bench_step.main(argv)`` in the job; returns its exit status.
+
+    Deliberately not ``submitit.helpers.Checkpointable``: see ``checkpoint``.
+    """
+
+    def __call__(self, argv: Sequence[str]) -> int:
+        """The CLI's own path; a refusal (``SystemExit`` with a message) or an interruption
+        becomes an error that ``job.result()`` raises on the submitting side."""
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        argv = allocation_threads(argv)
+        log.info("benchmark job: python -m benchmarks.bench_step %s", " ".join(argv))
+        from benchmarks.bench_step import main  # lazily: bench_step imports this module
+
+        try:
+            return main(argv)
+        except SystemExit as exc:
+            if exc.code in (None, 0):
+                return 0
+            raise RuntimeError(f"the benchmark refused to run: {exc.code}") from None
+        except JobInterrupted as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def checkpoint(self, argv: Sequence[str]) -> NoReturn:
+        """Called by submitit on preemption or near the time limit: stop, never requeue.
+
+        A timing run interrupted halfway cannot be resumed meaningfully (a resumed case would
+        mix rounds measured on two allocations), and the tables are rewritten after every
+        finished case anyway, so what was measured is already on disk. Raising here, inside
+        submitit's signal handler, ends the run before submitit could requeue it.
+        """
+        raise JobInterrupted("benchmark job preempted or out of time: not requeued; the "
+                             "tables hold the cases finished so far")
