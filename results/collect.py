@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 STATUSES = ("done", "failed", "running", "missing")
 # Per-run columns of the tidy frame (each repeated on every metric row of the run).
 RUN_COLUMNS = (
-    "grid cell seed run_id config_hash preset status created split n_images n_texts note".split()
+    "grid cell seed run_id config_hash recipe_hash preset status created split n_images n_texts "
+    "note".split()
 )
 COLUMNS = [*RUN_COLUMNS, "metric", "value"]
 CURVE_COLUMNS = ["grid", "cell", "seed", "run_id", "step", "epoch", "metric", "value"]
@@ -45,6 +46,24 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         logger.warning("cannot read %s: %s", path, err)
         return None
     return data if isinstance(data, dict) else None
+
+
+def _recipe_hash(run_dir: Path, meta: dict[str, Any]) -> str:
+    """The seed-independent config hash: from meta.json, else recomputed from config.yaml
+    (runs written before meta.json recorded it); "" when neither is readable."""
+    if meta.get("recipe_hash"):
+        return str(meta["recipe_hash"])
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return ""
+    from model.config.experiment import load_experiment, recipe_hash
+    from model.config.loader import ConfigError
+
+    try:
+        return recipe_hash(load_experiment([config]))
+    except (ConfigError, OSError, ValueError) as exc:
+        logger.warning("cannot read %s: %s", config, exc)
+        return ""
 
 
 def _run_status(run_dir: Path, result: dict[str, Any] | None) -> tuple[str, str]:
@@ -105,6 +124,7 @@ def _read_run(run_dir: Path, grid: str) -> dict[str, Any] | None:
         "seed": int(meta.get("seed", match["seed"] if match else -1)),
         "run_id": run_dir.name,
         "config_hash": str(meta.get("config_hash", match["hash"] if match else "")),
+        "recipe_hash": _recipe_hash(run_dir, meta),
         "preset": meta.get("preset"),
         "status": status,
         "created": _created(meta, run_dir),

@@ -204,9 +204,12 @@ def _cell_row(frame: pd.DataFrame, cell: str, metrics: list[str]) -> dict[str, A
     statuses = dict(zip(rows["seed"].astype(int), rows["status"], strict=True))
     done = rows[rows["status"] == "done"]
     status = _status_text(statuses)
-    hashes = sorted(done["config_hash"].dropna().unique())
+    # The recipe hash is the config hash without the seed (records from older raw files may
+    # lack it: those are not compared).
+    recipes = done["recipe_hash"] if "recipe_hash" in done else pd.Series(dtype=object)
+    hashes = sorted(h for h in recipes.dropna().unique() if h)
     if len(hashes) > 1:
-        # Seeds of one row should share a config; a partial rerun after a config change
+        # Seeds of one row should share a recipe; a partial rerun after a config change
         # would otherwise be averaged with stale seeds unnoticed.
         logger.warning("cell %s averages seeds of different configs: %s", cell, hashes)
         status += " (mixed configs: " + ",".join(hashes) + ")"

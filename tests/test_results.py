@@ -84,6 +84,7 @@ def make_run(
     status: str,
     *,
     config_hash: str = "abc123",
+    recipe_hash: str | None = None,
     preset: str = "tiny",
     created: str = "2025-01-01T00:00:00",
     metrics: dict[str, float] | None = None,
@@ -96,6 +97,8 @@ def make_run(
         "cell": cell,
         "seed": seed,
         "config_hash": config_hash,
+        # The config hash includes the seed, the recipe hash does not (default: the same).
+        "recipe_hash": recipe_hash or config_hash,
         "grid": grid,
         "preset": preset,
         "git_sha": "0" * 40,
@@ -242,6 +245,25 @@ def test_duplicate_keeps_newest_and_warns(runs_dir: Path, caplog: pytest.LogCapt
     # Seeds 1 and 2 still come from the old config: the table row must say so.
     status = _row(build_tables(frame)["mlm"], "full_mlm")["status"]
     assert status == "done (mixed configs: abc123,new999)"
+
+
+def test_seeds_of_one_recipe_are_not_mixed_configs(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Every seed has its own config hash (the seed is part of it) but one recipe hash."""
+    for seed in SEEDS:
+        make_run(tmp_path, "albef", seed, "done", config_hash=f"h{seed}", recipe_hash="r1")
+    with caplog.at_level(logging.WARNING, logger="results"):
+        row = _row(build_tables(collect_runs(tmp_path, GRID))["component_ablation"], "albef")
+    assert row["status"] == "done" and "different configs" not in caplog.text
+
+
+def test_recipe_hash_ignores_the_seed_only() -> None:
+    from model.config.experiment import experiment_hash, load_experiment, recipe_hash
+
+    a, b = (load_experiment(preset="tiny", sets=[f"train.seed={s}"]) for s in (0, 1))
+    c = load_experiment(preset="tiny", sets=["train.seed=1", "loss.focal_gamma=2.0"])
+    assert experiment_hash(a) != experiment_hash(b) and recipe_hash(a) == recipe_hash(b)
+    assert recipe_hash(b) != recipe_hash(c)
 
 
 def test_mean_std_n_and_failed_not_counted(tables: dict[str, Any]) -> None:

@@ -58,3 +58,9 @@ def load_experiment(
 def experiment_hash(cfg: ExperimentConfig) -> str:
     """Identity of what a run computes (10 hex chars); excludes speed/logging knobs."""
     return config_hash(cfg, exclude=HASH_EXCLUDE)
+
+
+def recipe_hash(cfg: ExperimentConfig) -> str:
+    """:func:`experiment_hash` without the seed: equal for the seeds of one table row, so that
+    averaging seeds of different recipes (a partial rerun after a config change) is caught."""
+    return config_hash(cfg, exclude=(*HASH_EXCLUDE, "train.seed"))

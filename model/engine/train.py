@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.build import build_objective
-from model.config.experiment import experiment_hash
+from model.config.experiment import experiment_hash, recipe_hash
 from model.config.loader import dump_yaml, to_dict
 from model.config.schema import ExperimentConfig, check_world_size
 from model.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -83,7 +83,8 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     chash = experiment_hash(cfg)
     if dist_info.is_main:  # write-once: a later (even a refused) resume never changes it
-        write_meta(run_dir, {"config_hash": chash, "world_size": dist_info.world_size,
+        write_meta(run_dir, {"config_hash": chash, "recipe_hash": recipe_hash(cfg),
+                             "world_size": dist_info.world_size,
                              **(identity or {})})
     sources = resolve_sources(cfg, dist_info)
     tokenizer = build_tokenizer(sources)
