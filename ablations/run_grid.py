@@ -174,13 +174,16 @@ def _preflight_dist(specs: list[RunSpec], cluster: str) -> int:
     return 0 if passed else 1
 
 
-def regenerate_results(args: argparse.Namespace, grid: str) -> int:
+def regenerate_results(args: argparse.Namespace, specs: list[RunSpec]) -> int:
+    """Tables of the planned seeds only: runs of other seeds in the same runs root (e.g. an
+    earlier ``--seeds 3``) do not leak into a one-seed table, and vice versa."""
     from results.__main__ import main as results_main
 
     out = args.results_out
-    return results_main(["--runs", str(args.runs_root), "--grid", grid, "--out",
+    seeds = [str(s) for s in sorted({spec.seed for spec in specs})]
+    return results_main(["--runs", str(args.runs_root), "--grid", specs[0].grid, "--out",
                          str(out / "generated"), "--raw-dir", str(out / "raw"),
-                         "--preset", args.preset])
+                         "--preset", args.preset, "--seeds", *seeds])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             failures = _run_local(todo, args, tier or specs[0].tier)
         print(f"grid finished in {time.time() - t0:.0f} s with {failures} failed run(s)")
-    rc = regenerate_results(args, specs[0].grid)
+    rc = regenerate_results(args, specs)
     return 1 if (failures or rc) else 0
 
 
