@@ -2,8 +2,9 @@
 
     python scripts/update_readme.py
 
-Sections: ``<!-- ablation-tables:begin/end -->`` <- results/generated/summary.md and
-``<!-- cost-table:begin/end -->`` <- results/benchmarks/*/cost_table.md (when present).
+Sections: ``<!-- ablation-tables:begin/end -->`` <- results/generated/summary.md,
+``<!-- seeds-table:begin/end -->`` <- results/tiny_3seeds/generated/component_ablation.md and
+``<!-- cost-table:begin/end -->`` <- results/benchmarks/*/cost_table.md (each when present).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "ablation-tables": [REPO / "results" / "generated" / "summary.md"],
+    "seeds-table": [REPO / "results" / "tiny_3seeds" / "generated" / "component_ablation.md"],
     "cost-table": sorted((REPO / "results" / "benchmarks").glob("*/cost_table.md")),
 }
 
