@@ -43,6 +43,8 @@ def make_executor(cluster: Cluster, folder: str | Path, tier: Tier, name: str,
             value = getattr(tier, key)
             if value:
                 params[f"slurm_{key}"] = value
+        if tier.exclusive:
+            params["slurm_exclusive"] = True
         if array_parallelism:
             params["slurm_array_parallelism"] = array_parallelism
     executor.update_parameters(**params)

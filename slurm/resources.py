@@ -24,6 +24,9 @@ class Tier:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    # The whole node for the job (sbatch --exclusive): for timing runs, which other jobs'
+    # load would distort.
+    exclusive: bool = False
     signal_delay_s: int = 120
     max_num_timeout: int = 30
 
@@ -40,6 +43,11 @@ class Tier:
 def _coerce(name: str, raw: str, current: object) -> object:
     if raw.lower() in ("", "none", "null"):
         return None
+    if name == "exclusive":
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"environment {ENV_PREFIX}EXCLUSIVE: expected true or false, "
+                              f"got {raw!r}")
+        return raw.lower() in ("true", "1")
     if isinstance(current, int) or name in {"nodes", "gpus_per_node", "tasks_per_node",
                                             "cpus_per_task", "mem_gb", "timeout_min",
                                             "signal_delay_s", "max_num_timeout"}:
