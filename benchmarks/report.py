@@ -17,6 +17,7 @@ import pandas as pd
 
 from benchmarks.cases import REFERENCE, Suite, load_suite
 from benchmarks.measure import ratio
+from model.engine.run_io import write_text_atomic
 
 MAIN_ROWS = ("albef", "ours_wo_softmask", "ours")
 
@@ -165,25 +166,25 @@ def write_cost_tables(df: pd.DataFrame, suite: Suite, env: dict[str, Any], out: 
             breakdowns.append(bd.assign(case=case_name))
             notes.append(f"### {case_name}\n\n" + render_markdown(
                 bd, dict.fromkeys(bd.columns[1:], ".4f"), caption + note))
-    (out / "cost_table.md").write_text("\n".join(md), encoding="utf-8")
-    (out / "cost_table.tex").write_text("\n".join(tex), encoding="utf-8")
-    pd.concat(tables).to_csv(out / "cost_table.csv", index=False)
+    write_text_atomic(out / "cost_table.md", "\n".join(md))
+    write_text_atomic(out / "cost_table.tex", "\n".join(tex))
+    write_text_atomic(out / "cost_table.csv", pd.concat(tables).to_csv(index=False))
     if breakdowns:
-        (out / "breakdown.md").write_text("\n".join(notes), encoding="utf-8")
-        pd.concat(breakdowns).to_csv(out / "breakdown.csv", index=False)
+        write_text_atomic(out / "breakdown.md", "\n".join(notes))
+        write_text_atomic(out / "breakdown.csv", pd.concat(breakdowns).to_csv(index=False))
 
 
 def write_planning(df: pd.DataFrame, suite: Suite, env: dict[str, Any], out: Path) -> None:
     """planning.{md,csv}; a CPU projection is labelled as a formula demonstration."""
     plan = planning_table(df, suite.planning, "GPU" if env["device"] == "cuda" else "CPU")
-    plan.to_csv(out / "planning.csv", index=False)
+    write_text_atomic(out / "planning.csv", plan.to_csv(index=False))
     warning = ("" if env["device"] == "cuda" else
                " Measured on CPU: this projection only demonstrates the formula "
                "(seconds per sample x samples); it says nothing about GPU cost.")
     caption = (f"Projected time for {suite.planning['samples_per_epoch']:.2g} samples x "
                f"{int(suite.planning['epochs'])} epochs on one {env['device_name']}.{warning}")
-    (out / "planning.md").write_text(render_markdown(
-        plan, dict.fromkeys(plan.columns[2:], ".4g"), caption), encoding="utf-8")
+    write_text_atomic(out / "planning.md", render_markdown(
+        plan, dict.fromkeys(plan.columns[2:], ".4g"), caption))
 
 
 # Raw data-wait column -> number format, in table order.
@@ -194,13 +195,12 @@ DATA_WAIT_COLUMNS = {"case": "", "variant": "", "num_workers": "d", "data_steps"
 
 def write_data_wait(waits: pd.DataFrame, env: dict[str, Any], out: Path) -> None:
     """data_wait.{csv,md}: seconds blocked in next(loader) per step, and that share of time."""
-    waits.to_csv(out / "data_wait.csv", index=False)
+    write_text_atomic(out / "data_wait.csv", waits.to_csv(index=False))
     shown = waits[[c for c in DATA_WAIT_COLUMNS if c in waits]]
     caption = (f"Data-loading wait per step on {env['device_name']}: real DataLoader over the "
                "generated synthetic set, measured while training (wait_fraction = wait / "
                "(wait + step)).")
-    (out / "data_wait.md").write_text(render_markdown(shown, DATA_WAIT_COLUMNS, caption),
-                                      encoding="utf-8")
+    write_text_atomic(out / "data_wait.md", render_markdown(shown, DATA_WAIT_COLUMNS, caption))
 
 
 def rebuild_reports(out_dir: str | Path, suite: Suite | None = None) -> None:
@@ -223,9 +223,9 @@ def write_outputs(rows: list[dict[str, Any]], iterations: list[dict[str, Any]],
         row.update(peaks[row["precision"]])
         row["mfu"] = ratio(row["achieved_flops_per_s"], row["peak_flops_per_s"])
     df = pd.DataFrame(rows)
-    df.to_csv(out / "steps.csv", index=False)
-    pd.DataFrame(iterations).to_csv(out / "iterations.csv", index=False)
-    (out / "environment.json").write_text(json.dumps({**env, "peaks": peaks}, indent=2) + "\n",
-                                          encoding="utf-8")
+    write_text_atomic(out / "steps.csv", df.to_csv(index=False))
+    write_text_atomic(out / "iterations.csv", pd.DataFrame(iterations).to_csv(index=False))
+    write_text_atomic(out / "environment.json",
+                      json.dumps({**env, "peaks": peaks}, indent=2) + "\n")
     write_cost_tables(df, suite, env, out)
     write_planning(df, suite, env, out)

@@ -22,10 +22,16 @@ DONE, FAILED, RESULT, METRICS, META, CONFIG = (
     "DONE", "FAILED", "result.json", "metrics.jsonl", "meta.json", "config.yaml")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str, encoding: str = "utf-8") -> None:
+    """Write to a sibling temporary file, then rename: a reader (or a job killed mid-write)
+    sees the old file or the new one, never a truncated one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text, encoding=encoding)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
