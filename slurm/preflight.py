@@ -170,8 +170,8 @@ def _select_device(local_rank: int | None, device: str | None
 
 
 def _init_group(backend: str, rank: int, world: int, timeout_s: float) -> Check:
-    """Create the default group with a timeout (``init_distributed`` has none, and its
-    default would leave a misconfigured rank waiting for half an hour)."""
+    """Create the default group with the preflight's own short timeout (torch's default would
+    leave a misconfigured rank waiting for half an hour); the result is a finding, not a raise."""
     try:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank,
                                 world_size=world,

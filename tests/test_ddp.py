@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -122,3 +125,25 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_queues_and_parameters_in_sync() -> None:
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_a_rank_whose_peer_never_arrives_fails_within_the_timeout() -> None:
+    """``train.dist_timeout_min`` bounds the rendezvous: a lone rank 0 of a 2-rank world gives
+    up after the timeout (3 s here) instead of holding its allocation for torch's 30 minutes."""
+    code = (
+        "import time\n"
+        "from model.engine.distributed import init_distributed\n"
+        "t0 = time.time()\n"
+        "try:\n"
+        "    init_distributed('cpu', timeout_min=0.05)\n"
+        "except Exception as exc:\n"
+        "    print(f'gave up after {time.time() - t0:.1f} s: {type(exc).__name__}')\n"
+        "    raise SystemExit(3)\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "gave up after" in proc.stdout and time.time() - start < 120

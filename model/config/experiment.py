@@ -20,7 +20,8 @@ from model.config.presets import preset_layer
 from model.config.schema import ExperimentConfig
 
 # Settings that change where or how fast a run goes, not what it computes.
-HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every")
+HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
+                "train.dist_timeout_min")
 
 
 def load_experiment(

@@ -257,8 +257,15 @@ class TrainConfig:
     checkpoint_every: int = 1000
     mode: Literal["pretrain", "retrieval"] = "pretrain"
     init_from: str | None = None
+    # Process-group timeout (minutes) for the rendezvous and every collective; None = torch's
+    # default (10 min NCCL, 30 min gloo). It also bounds the distributed evaluation's
+    # collectives, so keep it above the slowest rank's evaluation share.
+    dist_timeout_min: float | None = None
 
     def __post_init__(self) -> None:
+        if self.dist_timeout_min is not None:
+            _check(self.dist_timeout_min > 0, "dist_timeout_min",
+                   f"must be > 0 minutes, got {self.dist_timeout_min}")
         _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

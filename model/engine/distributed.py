@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -31,13 +32,15 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, timeout_min: float | None = None) -> DistInfo:
     """Initialise the default process group when more than one process is launched.
 
     torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; inside a SLURM job the
     submitit job calls ``submitit.helpers.TorchDistributedEnvironment().export()`` first, which
     exports the same variables from SLURM's. One process needs no group. Backend: NCCL on CUDA,
-    gloo on CPU. Each rank uses GPU ``local_rank`` (one task per GPU).
+    gloo on CPU. Each rank uses GPU ``local_rank`` (one task per GPU). ``timeout_min`` bounds
+    the rendezvous and every collective (``train.dist_timeout_min``; None = torch's default), so
+    a rank that never arrives fails the job instead of holding the allocation.
     """
     rank = _env_int("RANK", default=0)
     world = _env_int("WORLD_SIZE", default=1)
@@ -50,8 +53,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {key} is not set in the environment")
+        timeout = None if timeout_min is None else datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=timeout)
         log.info("rank %d/%d initialised on %s", rank, world, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 

@@ -550,7 +550,7 @@ def _train_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentCon
 def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
                 stage_dir: Path, init: Path, init_size: int, device: str | None
                 ) -> StageResult | None:
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(device, stage_cfg.train.dist_timeout_min)
     result = evaluate_checkpoint(stage_cfg, init, dist_info.device)  # all ranks (collective)
     if not dist_info.is_main:
         return None

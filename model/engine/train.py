@@ -77,7 +77,7 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
           identity: dict[str, Any] | None = None, force_resume: bool = False) -> Trainer:
     """Build data, objective and optimizer; resume from ``run_dir`` if it holds a checkpoint."""
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(device, cfg.train.dist_timeout_min)
     check_world_size(cfg, dist_info.world_size)
     seed_everything(cfg.train.seed + dist_info.rank)  # ALBEF seeds with seed + rank
     run_dir.mkdir(parents=True, exist_ok=True)
