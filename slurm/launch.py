@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ def _record(folder: Path, subs: Sequence[Submission], cluster: str) -> None:
                 "job_id": s.job.job_id, "cluster": cluster, "cell": s.spec.cell,
                 "seed": s.spec.seed, "run_id": s.spec.run_id, "tier": s.spec.tier,
                 "git_sha": sha, "git_dirty": dirty, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # a local job's id is a process id, meaningful on this host only
+                "host": socket.gethostname(),
             }) + "\n")
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -367,6 +369,37 @@ def _scheduler_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[st
     return views
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _local_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[str]
+                 ) -> dict[str, SchedulerView]:
+    """Views of local-executor jobs (their job id is a process id) submitted from this host.
+
+    A local job dies with the grid process that started it (e.g. Ctrl-C): without this, its
+    run directory, which has no terminal marker, would read as running forever. Records from
+    another host, or without one (older grids), are left unknown.
+    """
+    host, views = socket.gethostname(), {}
+    for run_id in run_ids:
+        rec = subs.get(run_id, [{}])[-1]
+        job_id = str(rec.get("job_id", ""))
+        if rec.get("cluster") != "local" or rec.get("host") != host or not job_id.isdigit():
+            continue
+        alive = _pid_alive(int(job_id))
+        views[job_id] = SchedulerView("RUNNING" if alive else "CANCELLED (local process gone)",
+                                      "", None, 1, False)
+    return views
+
+
 def _row(grid_dir: Path, cell: str, seed: int | None, run_id: str, job_id: str | None,
          sched: SchedulerView | None) -> dict[str, Any]:
     disk = read_disk(grid_dir / run_id)
@@ -387,13 +420,16 @@ def grid_status(grid_dir: Path, query_scheduler: bool = True,
     """One row per planned run of the grid in ``grid_dir`` (see the module docstring).
 
     ``specs`` (from ``ablations.grid.expand``) are the planned runs; without them, every run
-    submitted or with a directory in ``grid_dir``. ``query_scheduler=False`` reads the disk
-    only (a SLURM job that died without a marker then shows as running).
+    submitted or with a directory in ``grid_dir``. ``query_scheduler=False`` skips sacct (a
+    SLURM job that died without a marker then shows as running); local-executor jobs are always
+    checked by process id.
     """
     grid_dir = Path(grid_dir)
     subs = read_submissions(grid_dir)
     planned = _planned(grid_dir, specs, subs)
-    views = _scheduler_views(subs, [r for _, _, r in planned]) if query_scheduler else {}
+    run_ids = [r for _, _, r in planned]
+    views = {**_local_views(subs, run_ids),
+             **(_scheduler_views(subs, run_ids) if query_scheduler else {})}
     rows = []
     for cell, seed, run_id in planned:
         job_id = str(subs[run_id][-1].get("job_id")) if run_id in subs else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -132,6 +133,32 @@ def test_planned_runs_from_the_grid_expansion(tmp_path: Path) -> None:
     assert list(df["run_id"]) == [s.run_id for s in specs]
     assert list(df["state"]) == ["finished", "missing"]
     assert df["job_id"].isna().all()
+
+
+def test_local_job_whose_process_is_gone_is_cancelled_not_running(tmp_path: Path) -> None:
+    """A local-executor job dies with the grid process that started it; its run directory has
+    no terminal marker, so only the process id tells it apart from a live run."""
+    import socket
+    import subprocess
+    import sys
+
+    gone, elsewhere = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
+    gone.wait()
+    elsewhere.wait()
+    grid = tmp_path / GRID
+    runs = {"mmda__s0__aaaa": (gone.pid, socket.gethostname()),
+            "mmda__s1__bbbb": (os.getpid(), socket.gethostname()),
+            "mmda__s2__cccc": (elsewhere.pid, "another-host")}
+    for run_id, (pid, host) in runs.items():
+        _write_jsonl(grid / run_id / "metrics.jsonl", _train_rows(3))
+        _write_jsonl(grid / "submissions.jsonl", [{**_submit_record(run_id, str(pid)),
+                                                   "host": host}])
+    rows = _by_run(grid_status(grid, query_scheduler=False))
+    assert rows["mmda__s0__aaaa"]["state"] == "cancelled"
+    assert "local process gone" in rows["mmda__s0__aaaa"]["scheduler"]
+    assert rows["mmda__s1__bbbb"]["state"] == "running"  # this test's own process
+    assert rows["mmda__s2__cccc"]["state"] == "running"  # another host: cannot tell
+    assert "scheduler state unknown" not in rows["mmda__s2__cccc"]["detail"]
 
 
 def test_cli_prints_the_table_and_failed_tails(planted: Path, capsys) -> None:
