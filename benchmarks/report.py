@@ -17,7 +17,7 @@ import pandas as pd
 
 from benchmarks.cases import REFERENCE, Suite, load_suite
 from benchmarks.measure import ratio
-from model.engine.run_io import write_text_atomic
+from model.atomic import write_text_atomic
 
 MAIN_ROWS = ("albef", "ours_wo_softmask", "ours")
 

@@ -22,14 +22,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from model.atomic import write_text_atomic
 
 __all__ = [
     "ConfigError", "FieldError", "config_hash", "dump_yaml", "from_dict", "known_keys",
@@ -516,18 +517,7 @@ def dump_yaml(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write ``to_dict(obj)`` as block YAML; atomic, so readers never see half a file."""
     text = yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                      allow_unicode=True, width=100)
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; configs are meant to be read by others
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, text)
 
 
 def replace_path(obj: _T, dotted: str, value: Any, source: str = "replace_path") -> _T:

@@ -18,16 +18,10 @@ from typing import Any
 
 import torch
 
+from model.atomic import write_text_atomic
+
 DONE, FAILED, RESULT, METRICS, META, CONFIG = (
     "DONE", "FAILED", "result.json", "metrics.jsonl", "meta.json", "config.yaml")
-
-
-def write_text_atomic(path: Path, text: str, encoding: str = "utf-8") -> None:
-    """Write to a sibling temporary file, then rename: a reader (or a job killed mid-write)
-    sees the old file or the new one, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding=encoding)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -19,14 +19,12 @@ converters clean them at conversion time only when asked to.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, NamedTuple, TextIO, TypeVar
 
 from tqdm import tqdm
 
+from model.atomic import atomic_writer
 from model.data.captions import pre_caption
 
 logger = logging.getLogger(__name__)
@@ -232,29 +231,6 @@ def read_text_lines(path: Path, what: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[TextIO]:
-    """Open a temporary file next to ``path`` and move it into place only on success.
-
-    A crash or Ctrl-C while writing a multi-GB list then never leaves a truncated JSON file
-    that a later training run would trip over.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; outputs are data meant to be shared.
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json_list(path: Path, entries: Iterable[Mapping[str, Any]]) -> int:
     """Stream ``entries`` into ``path`` as a JSON list (one entry per line), atomically.
 
@@ -270,12 +246,6 @@ def write_json_list(path: Path, entries: Iterable[Mapping[str, Any]]) -> int:
             count += 1
         fh.write("\n]\n" if count else "]\n")
     return count
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file (CSV, Markdown, YAML) atomically."""
-    with atomic_writer(path) as fh:
-        fh.write(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from model.atomic import write_text_atomic
 from model.data.prepare import (
     PAPER_COUNTS,
     PrepareError,
@@ -34,7 +35,6 @@ from model.data.prepare import (
     progress,
     progress_flag,
     write_json_list,
-    write_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,11 +185,11 @@ def combine(
         _count_only(sources, counts, show_progress)
     table = counts_table(counts)
     outputs["manifest"] = out_dir / f"{name}_manifest.yaml"
-    write_text(outputs["manifest"], manifest(name, counts, outputs.get("combined")))
+    write_text_atomic(outputs["manifest"], manifest(name, counts, outputs.get("combined")))
     outputs["csv"] = out_dir / f"{name}_counts.csv"
-    write_text(outputs["csv"], table.to_csv(index=False))
+    write_text_atomic(outputs["csv"], table.to_csv(index=False))
     outputs["markdown"] = out_dir / f"{name}_counts.md"
-    write_text(outputs["markdown"], table.to_markdown(index=False) + "\n")
+    write_text_atomic(outputs["markdown"], table.to_markdown(index=False) + "\n")
     return CombineResult(table, outputs)
 
 
