@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 
 from benchmarks.cases import REFERENCE, Case, Variant, build_variant, make_batch
+from model.engine.run_io import git_revision
 from model.engine.step import train_step
 
 log = logging.getLogger(__name__)
@@ -342,14 +342,10 @@ def device_name(device: torch.device) -> str:
 
 def git_sha() -> str:
     """Short commit of the working tree ('-dirty' with local changes); 'unknown' outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty.stdout.strip() else "")
+    sha, dirty = git_revision(REPO_ROOT)
+    if sha == "unknown":
+        return sha
+    return sha[:7] + ("-dirty" if dirty else "")
 
 
 def environment(device: torch.device) -> dict[str, Any]:
