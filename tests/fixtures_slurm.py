@@ -18,8 +18,9 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import submitit
@@ -98,6 +99,18 @@ def slurm_env(slurm_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> d
         monkeypatch.setenv(key, value)
     assert os.environ.get("SLURM_CONF") == str(slurm_cluster.conf)
     return dict(slurm_cluster.env)
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``predicate`` every 0.5 s until it returns something truthy, and return that; fail
+    with ``what`` after ``timeout_s`` (jobs on a small shared machine start at their own pace)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def job_python_path() -> list[str]:

@@ -4,14 +4,13 @@ a tiny two-variant run waited for end to end, and a preempted run that must not 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import submitit
+from fixtures_slurm import wait_until
 from submitit.core.utils import UncompletedJobError
 from test_benchmarks import assert_output_files, assert_raw_rows, write_small_cases
 
@@ -22,17 +21,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # Generous bounds: the machine is small and shared; a tiny job takes well under a minute.
 JOB_TIMEOUT_S = 300
-
-
-def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll until ``predicate`` returns something truthy; fail after ``timeout_s``."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _tiny_argv(tmp_path: Path, out: Path, iters: int) -> list[str]:
@@ -54,7 +42,7 @@ def _final_view(job_id: str) -> SchedulerView:
         done = view is not None and view.category not in ("pending", "running", "requeued")
         return view if done else None
 
-    return _wait(finished, 60, f"sacct to report job {job_id} finished")
+    return wait_until(finished, 60, f"sacct to report job {job_id} finished")
 
 
 def test_benchmark_job_runs_under_slurm_and_writes_tables(
@@ -89,11 +77,11 @@ def test_preempted_benchmark_job_is_not_requeued(
     (record,) = _records(out)
     assert f"squeue -j {record['job_id']}" in capsys.readouterr().out
     log = Path(record["log"])
-    _wait(lambda: log.exists() and "timed rounds" in log.read_text(), JOB_TIMEOUT_S,
+    wait_until(lambda: log.exists() and "timed rounds" in log.read_text(), JOB_TIMEOUT_S,
           "the benchmark to start timing")
     job = submitit.SlurmJob(folder=out / ".submitit" / "%j", job_id=record["job_id"])
     job._interrupt()  # preemption: SIGTERM, then SIGUSR2 as the scheduler would send
-    _wait(job.done, 120, "the preempted job to end")
+    wait_until(job.done, 120, "the preempted job to end")
     with pytest.raises(UncompletedJobError, match="not requeued"):
         job.result()
     view = _final_view(record["job_id"])

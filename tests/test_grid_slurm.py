@@ -4,11 +4,11 @@ a smoke grid, preemption with requeue and exact resume, and cancellation."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from conftest import tiny_grid_sets
+from fixtures_slurm import wait_until
 
 from ablations import run_grid
 from ablations.grid import expand
@@ -17,15 +17,6 @@ from slurm.launch import submit_slurm
 from slurm.resources import load_tier
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _train_steps(run_dir: Path) -> list[int]:
@@ -63,7 +54,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm_env, tmp_path: Path
     (spec,) = expand(preset="tiny", seeds=[0], only=["softmask"], sets=sets,
                      runs_root=tmp_path / "runs")
     (sub,) = submit_slurm([spec], max_parallel=None, tier_override=load_tier("cpu"))
-    _wait(lambda: max(_train_steps(spec.run_dir), default=0) >= 10, 120, "training progress")
+    wait_until(lambda: max(_train_steps(spec.run_dir), default=0) >= 10, 120, "training progress")
     sub.job._interrupt()  # SIGUSR2 -> submitit calls CellJob.checkpoint -> requeue
     result = sub.job.result()  # waits through the requeue
     steps = _train_steps(spec.run_dir)
@@ -93,7 +84,7 @@ def test_slurm_cancelled_cell_loses_nothing_else(slurm_env, tmp_path: Path,
                   sets=tiny_grid_sets(synthetic_cache, epochs=200), runs_root=tmp_path / "runs")
     subs = submit_slurm(specs + long, max_parallel=None, tier_override=load_tier("cpu"))
     victim = subs[-1]
-    _wait(lambda: bool(_train_steps(victim.spec.run_dir)), 120, "the long cell to start")
+    wait_until(lambda: bool(_train_steps(victim.spec.run_dir)), 120, "the long cell to start")
     victim.job.cancel()
     for s in subs[:-1]:
         assert s.job.result()["status"] == "done"

@@ -287,7 +287,7 @@ def _submit(grid: Path, name: str, fn, *args):
 def test_slurm_cancelled_and_crashed_jobs(slurm_env, tmp_path: Path) -> None:
     """A cancelled job is "cancelled" (from sacct), a job that died without a FAILED marker
     is "failed" with the traceback from its submitit log: neither is ever "finished"."""
-    from fixtures_slurm import ResumableSquares
+    from fixtures_slurm import ResumableSquares, wait_until
 
     grid = tmp_path / GRID
     grid.mkdir()
@@ -299,9 +299,7 @@ def test_slurm_cancelled_and_crashed_jobs(slurm_env, tmp_path: Path) -> None:
     bad_job = _submit(grid, "crash", ResumableSquares(), str(tmp_path / "p2.txt"), None, 0.1)
     _write_jsonl(grid / "submissions.jsonl", [_submit_record(victim, long_job.job_id, "slurm"),
                                               _submit_record(crash, bad_job.job_id, "slurm")])
-    deadline = time.time() + 60
-    while not progress.exists() and time.time() < deadline:
-        time.sleep(0.5)
+    wait_until(progress.exists, 60, "the long job to start")
     _write_jsonl(grid / victim / "metrics.jsonl", _train_rows(2))
     # Accounting learns of the start a moment after the job writes: poll.
     _wait_state(grid, victim, {"running"}, 30)
@@ -321,7 +319,7 @@ def test_slurm_cancelled_and_crashed_jobs(slurm_env, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_slurm_requeued_job(slurm_env, tmp_path: Path) -> None:
     """A preempted (SIGUSR2) checkpointable job is requeued: sacct shows a second attempt."""
-    from fixtures_slurm import ResumableSquares, read_progress
+    from fixtures_slurm import ResumableSquares, read_progress, wait_until
 
     grid = tmp_path / GRID
     run_id = "softmask__s0__cccc"
@@ -329,10 +327,8 @@ def test_slurm_requeued_job(slurm_env, tmp_path: Path) -> None:
     progress = grid / run_id / "progress.txt"
     job = _submit(grid, "requeue", ResumableSquares(), str(progress), 40, 0.5)
     _write_jsonl(grid / "submissions.jsonl", [_submit_record(run_id, job.job_id, "slurm")])
-    deadline = time.time() + 60
-    while len([e for e in read_progress(progress) if e[0] == "step"]) < 2:
-        assert time.time() < deadline, "the job never started"
-        time.sleep(0.5)
+    wait_until(lambda: len([e for e in read_progress(progress) if e[0] == "step"]) >= 2, 60,
+               "the job to start")
     job._interrupt()
     seen: list[tuple[str, str]] = []
     deadline = time.time() + 60
