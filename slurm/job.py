@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 import submitit
@@ -45,4 +46,19 @@ class CellJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, spec: RunSpec) -> submitit.helpers.DelayedSubmission:
         log.info("preempted or timed out: requeueing %s", spec.run_id)
+        shield_requeue_from_sigterm()
         return submitit.helpers.DelayedSubmission(CellJob(), spec)
+
+
+def shield_requeue_from_sigterm() -> None:
+    """Ignore SIGTERM from here on, in this task and in the children it starts next.
+
+    Right after ``checkpoint`` returns, submitit runs ``scontrol requeue`` as a child of this
+    task. The requeue makes SLURM send SIGTERM to every process of the job, and that includes
+    the ``scontrol`` itself: when it is slow to exit (a loaded node), it dies by the signal and
+    submitit writes a failure result for a job that was in fact requeued, so a waiting caller
+    reads "failed" while the job runs again. An ignored signal stays ignored across fork and
+    exec, so the child finishes. This task loses nothing: submitit already bypasses SIGTERM,
+    exits it right after the requeue, and SLURM's SIGKILL still follows after KillWait.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -144,3 +144,29 @@ def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
     assert rc == 0
     assert "runs to do" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime for p in grid.glob("*/result.json")} == mtimes
+
+
+_CHILD_SURVIVES_SIGTERM = """
+import subprocess, sys
+from ablations.grid import expand
+from slurm.job import CellJob
+if sys.argv[1] == "checkpoint":
+    (spec,) = expand(preset="tiny", seeds=[0], only=["albef"], runs_root=sys.argv[2])
+    CellJob().checkpoint(spec)
+# Like `scontrol requeue` caught by the requeue's own SIGTERM: the child signals itself.
+print(subprocess.run(["sh", "-c", "kill -TERM $$; exit 0"]).returncode)
+"""
+
+
+@pytest.mark.parametrize("mode, code", [("checkpoint", "0"), ("plain", "-15")])
+def test_cell_checkpoint_lets_the_requeue_command_outlive_sigterm(tmp_path: Path, mode: str,
+                                                                  code: str) -> None:
+    """After CellJob.checkpoint, a child started next (submitit's scontrol requeue) is not
+    killed by SLURM's SIGTERM; without it, the same child dies (-15), so the check can fail."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CHILD_SURVIVES_SIGTERM, mode, str(tmp_path)],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip().splitlines()[-1] == code
