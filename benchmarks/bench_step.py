@@ -141,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    cases = select_cases(suite, kind, args.preset, args.batch, args.precision, args.variants)
+    try:
+        cases = select_cases(suite, kind, args.preset, args.batch, args.precision, args.variants)
+    except (KeyError, ValueError) as exc:
+        parser.error(f"invalid case selection: {exc}")  # exit 2, nothing measured or written
     df = run_benchmark(cases, args.device, args.out, args.iters, args.warmup, suite=suite,
                        breakdown=args.breakdown, memory=not args.no_memory,
                        memory_steps=args.memory_steps, flops=not args.no_flops,

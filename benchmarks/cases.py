@@ -146,7 +146,23 @@ def select_cases(suite: Suite, device_kind: str, presets: Sequence[str] | None =
             raise ValueError(f"unknown presets {unknown}; available: {list(suite.models)}")
         cells = [Case(suite.models[p], int(b), pr, chosen, suite.text)
                  for p in presets for b in (batches or [16]) for pr in (precisions or ["fp32"])]
+    check_configs(cells, suite.path)
     return cells
+
+
+def check_configs(cases: Sequence[Case], path: Path) -> None:
+    """Resolve every (case, variant) config now, so that an impossible one (e.g. batch 1, a
+    bad override in ``cases.yaml``) is refused before anything is timed or submitted rather
+    than crashing the run halfway."""
+    errors = []
+    for case in cases:
+        for variant in case.variants:
+            try:
+                experiment_config(case, variant)
+            except ValueError as exc:  # ConfigError lists every bad key
+                errors.append(f"case {case.name}, variant {variant.name}: {exc}")
+    if errors:
+        raise ValueError(f"{path}: invalid benchmark configs:\n" + "\n".join(errors))
 
 
 def experiment_config(case: Case, variant: Variant) -> ExperimentConfig:

@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import NoReturn
 
+import submitit
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +40,14 @@ class JobInterrupted(BaseException):
     """
 
 
+class VariantsFailed(RuntimeError):
+    """Some variant ended ``oom`` or ``error``: the tables hold it as a row, and the job fails,
+    so that ``sacct`` and ``job.result()`` say so as well as the tables."""
+
+
 class BenchmarkJob:
-    """Runs ``benchmarks.bench_step.main(argv)`` in the job; returns its exit status.
+    """Runs ``benchmarks.bench_step.main(argv)`` in the job and returns its exit status; under
+    a scheduler a non-zero status (a variant failed) is raised as ``VariantsFailed`` instead.
 
     Deliberately not ``submitit.helpers.Checkpointable``: see ``checkpoint``.
     """
@@ -54,13 +62,19 @@ class BenchmarkJob:
         from benchmarks.bench_step import main  # lazily: bench_step imports this module
 
         try:
-            return main(argv)
+            status = main(argv)
         except SystemExit as exc:
             if exc.code in (None, 0):
                 return 0
             raise RuntimeError(f"the benchmark refused to run: {exc.code}") from None
         except JobInterrupted as exc:
             raise RuntimeError(str(exc)) from None
+        # Not under the debug executor: it answers a job's exception with a pdb post-mortem,
+        # and this one's traceback says nothing the table does not.
+        if status != 0 and submitit.JobEnvironment().cluster != "debug":
+            raise VariantsFailed("some variants did not run ok (status oom or error); their "
+                                 "rows are in the tables with the reason")
+        return status
 
     def checkpoint(self, argv: Sequence[str]) -> NoReturn:
         """Called by submitit on preemption or near the time limit: stop, never requeue.

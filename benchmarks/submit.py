@@ -177,20 +177,25 @@ def log_path(job: Any) -> Path:
 
 
 def wait_for(job: Any, out: Path, print_table: bool = True) -> int:
-    """Block until the job ends; print its cost table; return its exit status (1 if it died).
+    """Block until the job ends; print its cost table; return its exit status (1 if it died
+    or a variant failed; the table, with the failed rows, is printed either way).
 
     ``print_table=False`` for a debug job: it ran in this process and printed the table itself.
     """
     from submitit.core.utils import UncompletedJobError
 
     try:
-        status = int(job.result())
+        status, finished = int(job.result()), True
     except UncompletedJobError as exc:  # failed, cancelled, killed, preempted
-        print(f"error: benchmark job {job.job_id} did not finish: {exc}\n"
-              f"log: {log_path(job)}", file=sys.stderr)
-        return 1
+        # A job that ran every case but had a variant fail raises VariantsFailed (so that
+        # sacct says FAILED); its table is complete and worth printing. Otherwise the table
+        # on disk may be an earlier run's.
+        status, finished = 1, "VariantsFailed" in str(exc)
+        reason = "had variants fail; see their rows" if finished else f"did not finish: {exc}"
+        print(f"error: benchmark job {job.job_id} {reason}\nlog: {log_path(job)}",
+              file=sys.stderr)
     table = out / "cost_table.md"
-    if print_table and table.exists():
+    if print_table and finished and table.exists():
         sys.stdout.write(table.read_text(encoding="utf-8"))
     return status
 

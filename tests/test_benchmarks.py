@@ -56,6 +56,17 @@ def write_small_cases(path: Path) -> Path:
     return path
 
 
+def write_failing_cases(path: Path) -> Path:
+    """write_small_cases plus a variant whose momentum queue cannot be allocated: its step
+    fails with the allocator's "can't allocate memory" at once (status oom), costing nothing."""
+    write_small_cases(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["variants"]["huge_queue"] = {"label": "Huge queue",
+                                     "set": ["model.queue_size=4000000000000"]}
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
 def assert_raw_rows(df: pd.DataFrame, variants: Sequence[str], iters: int) -> None:
     """steps.csv's schema and sanity of a run with FLOPs and --breakdown, all variants ok."""
     assert list(df["variant"]) == list(variants)
@@ -177,6 +188,7 @@ def no_submission(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--tier", "3gpu"], "unknown resource tier '3gpu'"),
     (["--precision", "bf16"], "bf16 autocast is CUDA-only"),
     (["--report-only"], "--report-only measures nothing"),
+    (["--batch", "1"], "case tiny-b1-fp32, variant albef: --set: train.batch_size must be >= 2"),
 ])
 def test_invalid_submission_fails_before_submitting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_submission: None,
@@ -221,6 +233,38 @@ def test_job_uses_the_allocation_and_is_never_requeued() -> None:
     # Called by submitit on preemption: it stops the run instead of returning a resubmission.
     with pytest.raises(JobInterrupted, match="not requeued"):
         BenchmarkJob().checkpoint(["--iters", "2"])
+
+
+def test_job_with_a_failed_variant_fails_and_still_prints_its_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under an executor (here submitit's local one) a failed variant fails the job, so the
+    scheduler's record says so too; the waiting caller exits 1 and prints the table, with
+    the failed row and its reason."""
+    out = tmp_path / "bench"
+    rc = bench_step.main(["--cluster", "local", "--wait", "--cases", str(write_failing_cases(
+        tmp_path / "cases.yaml")), "--preset", "tiny", "--batch", "4", "--variants", "albef",
+        "huge_queue", "--iters", "1", "--warmup", "0", "--no-memory", "--no-flops",
+        "--out", str(out)])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "had variants fail; see their rows" in captured.err
+    assert "| Huge queue" in captured.out and "| oom" in captured.out
+    raw = pd.read_csv(out / "steps.csv").set_index("variant")
+    assert raw.loc["albef", "status"] == "ok" and raw.loc["huge_queue", "status"] == "oom"
+    assert "can't allocate memory" in raw.loc["huge_queue", "detail"]
+
+
+def test_impossible_config_is_refused_before_anything_is_measured(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exc:
+        bench_step.main(["--preset", "tiny", "--batch", "1", "--variants", "albef",
+                         "--no-memory", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{DEFAULT_CASES}: invalid benchmark configs" in err
+    assert "case tiny-b1-fp32, variant albef: --set: train.batch_size must be >= 2" in err, err
+    assert not out.exists()
 
 
 def test_debug_cluster_runs_the_cli_path_and_records_it(

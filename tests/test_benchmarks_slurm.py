@@ -12,7 +12,12 @@ import pytest
 import submitit
 from fixtures_slurm import wait_until
 from submitit.core.utils import UncompletedJobError
-from test_benchmarks import assert_output_files, assert_raw_rows, write_small_cases
+from test_benchmarks import (
+    assert_output_files,
+    assert_raw_rows,
+    write_failing_cases,
+    write_small_cases,
+)
 
 from benchmarks import bench_step
 from slurm.status import SchedulerView, query_sacct
@@ -87,3 +92,16 @@ def test_preempted_benchmark_job_is_not_requeued(
     view = _final_view(record["job_id"])
     assert view.attempts == 1 and not view.requeued, view
     assert "not requeued" in log.read_text()
+
+
+def test_benchmark_job_with_a_failed_variant_is_failed_in_sacct(
+        slurm_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    argv = _tiny_argv(tmp_path, out, iters=1)
+    argv[argv.index("--cases") + 1] = str(write_failing_cases(tmp_path / "failing.yaml"))
+    argv[argv.index("ours")] = "huge_queue"
+    assert bench_step.main([*argv, "--no-flops", "--wait"]) == 1
+    captured = capsys.readouterr()
+    assert "had variants fail" in captured.err and "| oom" in captured.out
+    view = _final_view(_records(out)[0]["job_id"])
+    assert view.base_state == "FAILED" and view.attempts == 1, view
