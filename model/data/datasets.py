@@ -15,18 +15,20 @@ import contextlib
 import io
 import json
 import logging
-import random
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from model.data.captions import pre_caption
+from model.data.packed import CaptionTable, StringPacker
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +115,22 @@ def load_caption_file(path: str | Path) -> list[CaptionEntry]:
         FileNotFoundError: If the file does not exist.
         AnnotationError: If the file is not a JSON list of valid entries.
     """
+    return list(iter_caption_file(path))
+
+
+def iter_caption_file(path: str | Path) -> Iterator[CaptionEntry]:
+    """:func:`load_caption_file` one validated entry at a time (the datasets pack them as they
+    come, so a large file's entries are not held twice)."""
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-    out = []
-    for index, entry in enumerate(data):
+    for index in range(len(data)):
+        # Release each parsed entry once it is handed on: a caller packing the entries then
+        # peaks near the parsed file's size instead of the parsed file plus its packed copy.
+        entry, data[index] = data[index], None
         image, _ = _entry_captions(path, index, entry)
-        out.append(
-            CaptionEntry(image=image, caption=entry["caption"], image_id=entry.get("image_id"))
-        )
-    return out
+        yield CaptionEntry(image=image, caption=entry["caption"], image_id=entry.get("image_id"))
 
 
 def _check_max_words(max_words: int) -> None:
@@ -223,24 +230,26 @@ class PretrainDataset(_ImageCaptionBase):
         super().__init__(image_root, transform, max_words)
         if isinstance(ann_files, (str, Path)):
             raise TypeError("ann_files must be a sequence of paths, got a single path")
-        self.entries: list[CaptionEntry] = [e for f in ann_files for e in load_caption_file(f)]
-        if not self.entries:
+        # Packed arrays, not a list of entries: see model/data/packed.py (memory per process,
+        # pages shared with forked DataLoader workers).
+        self.table = CaptionTable((e.image, e.caption) for f in ann_files
+                                  for e in iter_caption_file(f))
+        if not len(self.table):
             raise AnnotationError(f"no entries in annotation files {[str(f) for f in ann_files]}")
 
     def __len__(self) -> int:
         """Number of items."""
-        return len(self.entries)
+        return len(self.table)
 
     def _image_path(self, index: int) -> str:
         """Relative image path of item ``index``."""
-        return self.entries[index].image
+        return self.table.images[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Image view(s), one cleaned caption, and the index of the entry actually used."""
         index, views = self._views_or_next(index)
-        caption = self.entries[index].caption
         # As ALBEF: a list is always sampled (one draw from `random`), a string never.
-        text = caption if isinstance(caption, str) else random.choice(caption)
+        text = self.table.sample_caption(index)
         return {**views, "caption": pre_caption(text, self.max_words), "index": index}
 
 
@@ -266,30 +275,36 @@ class RetrievalTrainDataset(_ImageCaptionBase):
         super().__init__(image_root, transform, max_words)
         if isinstance(ann_files, (str, Path)):
             raise TypeError("ann_files must be a sequence of paths, got a single path")
-        self.samples: list[tuple[str, str, int]] = []
+        images, captions = StringPacker(), StringPacker()
+        image_idx = array("q")
         image_ids: dict[Any, int] = {}
         for ann_file in ann_files:
-            for entry in load_caption_file(ann_file):
+            for entry in iter_caption_file(ann_file):
                 key = entry.image_id if entry.image_id is not None else entry.image
-                image_idx = image_ids.setdefault(key, len(image_ids))
+                idx = image_ids.setdefault(key, len(image_ids))
                 for caption in entry.captions:
-                    self.samples.append((entry.image, caption, image_idx))
-        if not self.samples:
+                    images.append(entry.image)
+                    captions.append(caption)
+                    image_idx.append(idx)
+        if not len(captions):
             raise AnnotationError(f"no entries in annotation files {[str(f) for f in ann_files]}")
+        # One item per caption, packed: see model/data/packed.py.
+        self.images, self.captions = images.build(), captions.build()
+        self.image_idx = np.frombuffer(image_idx, dtype=np.int64)
         self.n_images = len(image_ids)
 
     def __len__(self) -> int:
         """Number of items."""
-        return len(self.samples)
+        return len(self.captions)
 
     def _image_path(self, index: int) -> str:
         """Relative image path of item ``index``."""
-        return self.samples[index][0]
+        return self.images[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Image view(s), the cleaned caption, its image's ``image_idx`` and the sample index."""
         index, views = self._views_or_next(index)
-        _, caption, image_idx = self.samples[index]
+        caption, image_idx = self.captions[index], int(self.image_idx[index])
         return {
             **views,
             "caption": pre_caption(caption, self.max_words),
