@@ -9,26 +9,23 @@ options, so a job's tables are the same files a local run writes.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import submitit
 
+from slurm.resources import allocated_threads
+
 log = logging.getLogger(__name__)
 
 
-def allocation_threads(argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
-    """``argv`` with ``--threads`` set to the job's CPU allocation when it does not say.
-
-    torch otherwise starts one intra-op thread per core of the whole node, which on a shared
-    node contends with other jobs and makes the timings depend on their load.
-    """
-    env = dict(os.environ) if env is None else env
-    cpus = env.get("SLURM_CPUS_PER_TASK", "")
-    if "--threads" in argv or not cpus.isdigit() or int(cpus) < 1:
+def allocation_threads(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` with ``--threads`` set to the job's allocation (``allocated_threads``) when it
+    does not say; the benchmark records the count it ran with."""
+    threads = allocated_threads(env)
+    if "--threads" in argv or threads is None:
         return list(argv)
-    return [*argv, "--threads", cpus]
+    return [*argv, "--threads", str(threads)]
 
 
 class JobInterrupted(BaseException):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from typing import Any
 
 import submitit
 
 from ablations.grid import RunSpec
+from slurm.resources import allocated_threads
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ class CellJob(submitit.helpers.Checkpointable):
             # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from SLURM's variables.
             submitit.helpers.TorchDistributedEnvironment().export(
                 set_cuda_visible_devices=False, overwrite=True)
-        # Local grids pass their per-job share of the cores; on SLURM, the task's allocation.
-        threads = int(os.environ.get("SOFTMASK_THREADS")
-                      or os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+        threads = allocated_threads()
         if threads:
             import torch
 

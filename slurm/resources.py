@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -72,3 +73,19 @@ def load_tier(name: str, path: Path = RESOURCES_FILE, env: dict[str, str] | None
         if key in env:
             merged[f.name] = _coerce(f.name, env[key], merged.get(f.name))
     return from_dict(Tier, merged, default_origin=f"{path} (tier {name})")
+
+
+def allocated_threads(env: Mapping[str, str] | None = None) -> int | None:
+    """torch intra-op threads for a job process, or None to keep torch's default.
+
+    A local grid's per-job share of the cores (``SOFTMASK_THREADS``, set by run_grid) comes
+    first, then the task's SLURM allocation (``SLURM_CPUS_PER_TASK``). Without either, torch
+    would start one thread per core of the whole node, which on a shared node contends with
+    other jobs and makes a job's speed depend on their load.
+    """
+    env = os.environ if env is None else env
+    for name in ("SOFTMASK_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = env.get(name, "")
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return None

@@ -24,6 +24,7 @@ from benchmarks.job import BenchmarkJob, JobInterrupted, allocation_threads
 from benchmarks.measure import paired_ratios
 from benchmarks.probes import probe_memory
 from benchmarks.report import COST_COLUMNS, rebuild_reports
+from slurm.resources import allocated_threads
 
 RAW_COLUMNS = {
     "case": object, "variant": object, "label": object, "preset": object, "batch": "int",
@@ -230,6 +231,11 @@ def test_job_uses_the_allocation_and_is_never_requeued() -> None:
     assert allocation_threads(["--threads", "1"], {"SLURM_CPUS_PER_TASK": "4"}) == [
         "--threads", "1"]
     assert allocation_threads(["--iters", "2"], {}) == ["--iters", "2"]
+    # One rule for grid cells and benchmark jobs: a local grid's share first, then SLURM's.
+    both = {"SOFTMASK_THREADS": "2", "SLURM_CPUS_PER_TASK": "4"}
+    assert allocation_threads([], both) == ["--threads", "2"]
+    assert allocated_threads(both) == 2 and allocated_threads({"SLURM_CPUS_PER_TASK": "4"}) == 4
+    assert allocated_threads({"SOFTMASK_THREADS": "0", "SLURM_CPUS_PER_TASK": "x"}) is None
     # Called by submitit on preemption: it stops the run instead of returning a resubmission.
     with pytest.raises(JobInterrupted, match="not requeued"):
         BenchmarkJob().checkpoint(["--iters", "2"])
