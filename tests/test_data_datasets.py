@@ -178,6 +178,46 @@ def test_invalid_json_and_missing_file(tmp_path: Path) -> None:
         PretrainDataset([tmp_path / "missing.json"], tmp_path, _test_transform())
 
 
+ENTRY = {"image": "a/b.png", "caption": ["caf\u00e9 \"quoted\"", "x\ny"], "image_id": 7}
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps([ENTRY, ENTRY]), json.dumps([ENTRY, ENTRY], indent=2),
+    json.dumps([ENTRY, ENTRY], ensure_ascii=False, separators=(",", ":")),
+    "\r\n\t [ " + json.dumps(ENTRY) + " ,\n" + json.dumps(ENTRY) + "\n]\n\n",
+])
+def test_caption_files_decode_entry_by_entry_as_json_loads_does(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "ann.json"
+    path.write_text(text, encoding="utf-8")
+    entries = load_caption_file(path)
+    assert [(e.image, e.caption, e.image_id) for e in entries] == [
+        (e["image"], e["caption"], e["image_id"]) for e in json.loads(text)]
+    path.write_text(" [ ] ", encoding="utf-8")
+    assert load_caption_file(path) == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "not valid JSON"),
+    ("[{", "not valid JSON"),
+    ('[{"image": "a", "caption": "b"},]', "not valid JSON .Expecting value"),
+    ('[{"image": "a", "caption": "b"} {"image": "a", "caption": "b"}]',
+     "Expecting ',' delimiter: line 1 column 33"),
+    ('[{"image": "a", "caption": "b"}] []', "Extra data: line 1 column 34"),
+    ('[{"image": "a", "caption": "b"}', "Expecting ',' delimiter"),
+    ('{"image": "a", "caption": "b"}', "expected a JSON list of entries, got dict"),
+])
+def test_malformed_caption_files_are_refused_like_json_loads(
+        tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(AnnotationError, match=message) as info:
+        load_caption_file(path)
+    assert str(path) in str(info.value)
+    if "JSON list" not in message:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+
+
 # --- PretrainDataset ---------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ MAX_CONSECUTIVE_UNREADABLE = 64
 # What PIL raises for missing, truncated or corrupt files. SyntaxError is included because some
 # PIL decoders report malformed headers with it.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# JSON's insignificant whitespace (RFC 8259, section 2).
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 class AnnotationError(ValueError):
@@ -49,16 +52,47 @@ class UnreadableImageError(OSError):
     """An image could not be read (evaluation datasets, or a whole unreadable training set)."""
 
 
-def _read_json(path: Path) -> Any:
-    """Parse a JSON file, turning parse errors into an AnnotationError naming the file."""
+def _json_error(path: Path, err: json.JSONDecodeError) -> AnnotationError:
+    return AnnotationError(f"{path}: not valid JSON ({err})")
+
+
+def _iter_json_list(path: Path) -> Iterator[Any]:
+    """The elements of a JSON file that holds one list, decoded one at a time.
+
+    ``json.loads`` builds every object of the file at once, in every training process at
+    start-up (a 237 MiB caption file: 947 MiB at its peak; benchmarks/bench_manifest.py).
+    Decoding element by element holds only the text and the current element (479 MiB with the
+    packed table it fills); the grammar and the error messages are ``json``'s own.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"annotation file {path} does not exist") from err
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: not valid JSON ({err})") from err
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text).end()
+    if not text.startswith("[", pos):
+        try:
+            kind = type(json.loads(text)).__name__
+        except json.JSONDecodeError as err:
+            raise _json_error(path, err) from err
+        raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    more = not text.startswith("]", pos)
+    if not more:
+        pos = _WHITESPACE.match(text, pos + 1).end()
+    while more:
+        try:
+            element, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise _json_error(path, err) from err
+        yield element
+        pos = _WHITESPACE.match(text, pos).end()
+        more = text.startswith(",", pos)
+        if not more and not text.startswith("]", pos):
+            raise _json_error(path, json.JSONDecodeError("Expecting ',' delimiter", text, pos))
+        pos = _WHITESPACE.match(text, pos + 1).end()
+    if pos != len(text):
+        raise _json_error(path, json.JSONDecodeError("Extra data", text, pos))
 
 
 def _entry_captions(path: Path, index: int, entry: Any) -> tuple[str, list[str]]:
@@ -122,13 +156,7 @@ def iter_caption_file(path: str | Path) -> Iterator[CaptionEntry]:
     """:func:`load_caption_file` one validated entry at a time (the datasets pack them as they
     come, so a large file's entries are not held twice)."""
     path = Path(path)
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-    for index in range(len(data)):
-        # Release each parsed entry once it is handed on: a caller packing the entries then
-        # peaks near the parsed file's size instead of the parsed file plus its packed copy.
-        entry, data[index] = data[index], None
+    for index, entry in enumerate(_iter_json_list(path)):
         image, _ = _entry_captions(path, index, entry)
         yield CaptionEntry(image=image, caption=entry["caption"], image_id=entry.get("image_id"))
 
