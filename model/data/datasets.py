@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import logging
-import re
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch.utils.data import Dataset
 
 from model.data.captions import pre_caption
 from model.data.packed import CaptionTable, StringPacker
+from model.data.prepare import PrepareError, iter_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ MAX_CONSECUTIVE_UNREADABLE = 64
 # What PIL raises for missing, truncated or corrupt files. SyntaxError is included because some
 # PIL decoders report malformed headers with it.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-# JSON's insignificant whitespace (RFC 8259, section 2).
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 class AnnotationError(ValueError):
@@ -52,47 +50,20 @@ class UnreadableImageError(OSError):
     """An image could not be read (evaluation datasets, or a whole unreadable training set)."""
 
 
-def _json_error(path: Path, err: json.JSONDecodeError) -> AnnotationError:
-    return AnnotationError(f"{path}: not valid JSON ({err})")
-
-
 def _iter_json_list(path: Path) -> Iterator[Any]:
-    """The elements of a JSON file that holds one list, decoded one at a time.
+    """The elements of a caption file, decoded one at a time by the converters' chunked reader.
 
-    ``json.loads`` builds every object of the file at once, in every training process at
-    start-up (a 237 MiB caption file: 947 MiB at its peak; benchmarks/bench_manifest.py).
-    Decoding element by element holds only the text and the current element (479 MiB with the
-    packed table it fills); the grammar and the error messages are ``json``'s own.
+    ``json.load`` builds every object of the file at once, in every training process at
+    start-up (a 237 MiB caption file: 946 MiB at its peak; benchmarks/bench_manifest.py);
+    streaming holds one chunk of text and the current element, so the peak is the packed
+    table being filled (244 MiB).
     """
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"annotation file {path} does not exist") from err
-    decoder = json.JSONDecoder()
-    pos = _WHITESPACE.match(text).end()
-    if not text.startswith("[", pos):
-        try:
-            kind = type(json.loads(text)).__name__
-        except json.JSONDecodeError as err:
-            raise _json_error(path, err) from err
-        raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
-    pos = _WHITESPACE.match(text, pos + 1).end()
-    more = not text.startswith("]", pos)
-    if not more:
-        pos = _WHITESPACE.match(text, pos + 1).end()
-    while more:
-        try:
-            element, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise _json_error(path, err) from err
-        yield element
-        pos = _WHITESPACE.match(text, pos).end()
-        more = text.startswith(",", pos)
-        if not more and not text.startswith("]", pos):
-            raise _json_error(path, json.JSONDecodeError("Expecting ',' delimiter", text, pos))
-        pos = _WHITESPACE.match(text, pos + 1).end()
-    if pos != len(text):
-        raise _json_error(path, json.JSONDecodeError("Extra data", text, pos))
+        yield from iter_json_array(path, "annotation file")
+    except PrepareError as err:  # malformed JSON or not a list; the message names the file
+        raise AnnotationError(str(err)) from err
 
 
 def _entry_captions(path: Path, index: int, entry: Any) -> tuple[str, list[str]]:

@@ -155,11 +155,12 @@ class _ArrayStream:
             try:
                 value, end = self._decoder.raw_decode(self._buf, self._pos)
             except json.JSONDecodeError as err:
+                where = self._offset + err.pos  # before _fill shifts the buffer
                 too_big = len(self._buf) - self._pos > _MAX_ELEMENT_CHARS
                 if too_big or not self._fill():
                     raise PrepareError(
                         f"{self._path}: invalid or truncated JSON in list element {index} "
-                        f"(character offset {self._offset + err.pos}): {err.msg}"
+                        f"(character offset {where}): {err.msg}"
                     ) from err
                 continue
             # A number that ends exactly at the buffer end may continue in the next chunk.
