@@ -36,11 +36,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.cases import DEFAULT_CASES, REFERENCE, Case, Suite, load_suite, select_cases
+from benchmarks.cases import DEFAULT_CASES, REFERENCE, Case, Suite, load_suite
 from benchmarks.measure import environment, run_case, summarise, update_peak
 from benchmarks.probes import add_memory, data_wait_rows
 from benchmarks.report import rebuild_reports, write_data_wait, write_outputs
-from benchmarks.submit import add_submission_options, run_submission
+from benchmarks.submit import (
+    SubmissionError,
+    add_submission_options,
+    run_submission,
+    select_from_args,
+)
 
 
 def run_benchmark(cases: Sequence[Case], device: str | torch.device, out_dir: str | Path,
@@ -133,18 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cluster is not None:
         return run_submission(args, parser)
-    suite = load_suite(args.cases)
     if args.report_only:
-        rebuild_reports(args.out, suite)
+        rebuild_reports(args.out, load_suite(args.cases))
         sys.stdout.write((Path(args.out) / "cost_table.md").read_text(encoding="utf-8"))
         return 0
-    kind = "cuda" if args.device.startswith("cuda") else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    try:
-        cases = select_cases(suite, kind, args.preset, args.batch, args.precision, args.variants)
-    except (KeyError, ValueError) as exc:
-        parser.error(f"invalid case selection: {exc}")  # exit 2, nothing measured or written
+    try:  # the same selection and checks as a submission (benchmarks.submit)
+        suite, cases = select_from_args(args)
+    except SubmissionError as exc:
+        parser.error(str(exc))  # exit 2, nothing measured or written
     df = run_benchmark(cases, args.device, args.out, args.iters, args.warmup, suite=suite,
                        breakdown=args.breakdown, memory=not args.no_memory,
                        memory_steps=args.memory_steps, flops=not args.no_flops,

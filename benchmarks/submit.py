@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.cases import Case, load_suite, select_cases
+from benchmarks.cases import Case, Suite, load_suite, select_cases
 from benchmarks.job import BenchmarkJob
 from model.config.loader import ConfigError
 from slurm.executor import Cluster, make_executor
@@ -103,8 +103,9 @@ def forwarded_argv(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return argv
 
 
-def _select(args: argparse.Namespace) -> list[Case]:
-    """The cases the job will run, selected exactly as ``bench_step.main`` will."""
+def select_from_args(args: argparse.Namespace) -> tuple[Suite, list[Case]]:
+    """The suite and the cases the command selects; ``bench_step.main`` runs exactly these,
+    here or in the job. Raises ``SubmissionError`` naming the file or the bad selection."""
     try:
         suite = load_suite(args.cases)
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
@@ -117,7 +118,7 @@ def _select(args: argparse.Namespace) -> list[Case]:
         raise SubmissionError(f"invalid case selection: {exc}") from exc
     if not cases:
         raise SubmissionError(f"no cases selected for device kind {kind!r}")
-    return cases
+    return suite, cases
 
 
 def _tier(args: argparse.Namespace) -> tuple[str, Tier]:
@@ -139,7 +140,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Submi
     """Everything checkable without running anything; raises ``SubmissionError``."""
     if args.report_only:
         raise SubmissionError("--report-only measures nothing; run it without --cluster")
-    cases = _select(args)
+    _, cases = select_from_args(args)
     tier_name, tier = _tier(args)
     return Submission(args.cluster, tier_name, tier, forwarded_argv(args, parser),
                       Path(args.out).resolve(), cases)
