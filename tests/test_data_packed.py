@@ -12,7 +12,7 @@ STRINGS = ["a photo of a cat", "", "façade — 東京 ✓", "x" * 300, "a photo
 
 
 def test_packed_strings_round_trip_and_bounds() -> None:
-    packed = PackedStrings(STRINGS)
+    packed = PackedStrings.pack(STRINGS)
     assert len(packed) == len(STRINGS)
     assert list(packed) == STRINGS and packed[-1] == STRINGS[-1] and packed[-5] == STRINGS[0]
     # Exactly the UTF-8 bytes plus one int64 end offset per string: no per-string objects.
@@ -20,7 +20,7 @@ def test_packed_strings_round_trip_and_bounds() -> None:
     for bad in (5, -6):
         with pytest.raises(IndexError, match="out of range for 5 strings"):
             packed[bad]
-    assert list(PackedStrings([])) == []
+    assert list(PackedStrings.pack([])) == []
 
 
 def test_caption_table_draws_exactly_as_albefs_list_sampling() -> None:

@@ -16,6 +16,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
+def _span(ends: np.ndarray, index: int) -> tuple[int, int]:
+    """[start, stop) of item ``index`` in a buffer whose items end at ``ends``."""
+    return (int(ends[index - 1]) if index else 0), int(ends[index])
+
+
 class StringPacker:
     """Appends strings in place (one growing byte buffer, one offsets array), so that building
     never holds a list of str or of encoded copies: little more than the result itself."""
@@ -32,24 +37,23 @@ class StringPacker:
 
     def build(self) -> PackedStrings:
         """The packed strings; numpy views of the buffers (no copy). Append nothing after."""
-        packed = PackedStrings.__new__(PackedStrings)
-        packed._data = np.frombuffer(self._buffer, dtype=np.uint8)
-        packed._ends = np.frombuffer(self._ends, dtype=np.int64)
-        return packed
+        return PackedStrings(np.frombuffer(self._buffer, dtype=np.uint8),
+                             np.frombuffer(self._ends, dtype=np.int64))
 
 
 class PackedStrings(Sequence[str]):
     """An immutable sequence of strings in one ``uint8`` buffer with ``int64`` end offsets."""
 
-    _data: np.ndarray
-    _ends: np.ndarray
+    def __init__(self, data: np.ndarray, ends: np.ndarray) -> None:
+        self._data, self._ends = data, ends
 
-    def __init__(self, strings: Iterable[str] = ()) -> None:
+    @classmethod
+    def pack(cls, strings: Iterable[str]) -> PackedStrings:
+        """Pack any iterable of strings."""
         packer = StringPacker()
         for text in strings:
             packer.append(text)
-        built = packer.build()
-        self._data, self._ends = built._data, built._ends
+        return packer.build()
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -57,9 +61,8 @@ class PackedStrings(Sequence[str]):
     def __getitem__(self, index: int) -> str:  # type: ignore[override]
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} strings")
-        index %= len(self)
-        start = int(self._ends[index - 1]) if index else 0
-        return self._data[start:int(self._ends[index])].tobytes().decode("utf-8")
+        start, stop = _span(self._ends, index % len(self))
+        return self._data[start:stop].tobytes().decode("utf-8")
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +95,7 @@ class CaptionTable:
 
     def caption_range(self, index: int) -> range:
         """Positions in ``captions`` of entry ``index``'s captions."""
-        start = int(self._caption_ends[index - 1]) if index else 0
-        return range(start, int(self._caption_ends[index]))
+        return range(*_span(self._caption_ends, index))
 
     def sample_caption(self, index: int) -> str:
         """Entry ``index``'s caption, drawn with ``random.choice`` when the field is a list.
