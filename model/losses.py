@@ -63,6 +63,40 @@ def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | 
     return F.cross_entropy(torch.cat(parts).float(), torch.cat(labels))
 
 
+@torch.no_grad()
+def itm_pair_stats(pos_logits: Tensor, neg_logits: Tensor,
+                   extra_pos_logits: Tensor | None = None) -> dict[str, Tensor]:
+    """ITM cross-entropy and accuracy per pair type, detached (diagnostics, not a loss).
+
+    Groups follow ``itm_loss``'s layout: ``pos`` = the B clean positives; ``neg_img`` = the first
+    B negative rows (each text with a hard-negative image); ``neg_txt`` = the next B (each image
+    with a hard-negative text); ``masked`` = the soft/random-masked positives, when given. A
+    head that only outputs the class prior gets the prior's loss in every group, so a group
+    that learns shows as a loss below it. ``shortcut`` = acc(masked) - acc(pos): how much more
+    often masked pairs are called "match" than clean ones (a head that recognises masking
+    rather than matching has a large positive value).
+    """
+    b = pos_logits.shape[0]
+    groups = {"pos": (pos_logits, 1), "neg_img": (neg_logits[:b], 0),
+              "neg_txt": (neg_logits[b:], 0)}
+    if extra_pos_logits is not None:
+        groups["masked"] = (extra_pos_logits, 1)
+    stats: dict[str, Tensor] = {}
+    for name, (logits, label) in groups.items():
+        logits = logits.float()
+        target = torch.full((logits.shape[0],), label, dtype=torch.long, device=logits.device)
+        stats[f"itm/{name}_loss"] = F.cross_entropy(logits, target)
+        stats[f"itm/{name}_acc"] = (logits.argmax(dim=1) == label).float().mean()
+    # ALBEF's ITM loss over the clean pairs only (equal-sized groups: the mean of the three).
+    stats["itm/clean_loss"] = (stats["itm/pos_loss"] + stats["itm/neg_img_loss"]
+                               + stats["itm/neg_txt_loss"]) / 3
+    stats["itm/clean_acc"] = (stats["itm/pos_acc"] + stats["itm/neg_img_acc"]
+                              + stats["itm/neg_txt_acc"]) / 3
+    if extra_pos_logits is not None:
+        stats["itm/shortcut"] = stats["itm/masked_acc"] - stats["itm/pos_acc"]
+    return stats
+
+
 def mlm_loss(
     logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float
 ) -> Tensor:

@@ -8,14 +8,18 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def negative_weights(sim_batch: Tensor, idx: Tensor | None = None) -> Tensor:
+def negative_weights(sim_batch: Tensor, idx: Tensor | None = None,
+                     hardness: float = 1.0) -> Tensor:
     """Sampling weights from the student's (B, B) batch logits.
 
     Softmax over the batch columns, then zero the positives: the diagonal (pre-training) or
     every column with the same image id (retrieval fine-tuning). Not renormalised: multinomial
-    sampling accepts unnormalised weights.
+    sampling accepts unnormalised weights. ``hardness`` scales the logits first: 1 is ALBEF
+    (negatives as hard as the ITC similarities make them), 0 draws uniformly random negatives;
+    values in between are the tiny preset's curriculum (``loss.itm_neg_ramp_steps``).
     """
-    weights = F.softmax(sim_batch.float(), dim=1)
+    logits = sim_batch.float() if hardness == 1.0 else sim_batch.float() * hardness
+    weights = F.softmax(logits, dim=1)
     if idx is None:
         weights.fill_diagonal_(0.0)
     else:
@@ -29,13 +33,15 @@ def sample_hard_negatives(
     sim_t2i_batch: Tensor,
     generator: torch.Generator | None,
     idx: Tensor | None = None,
+    hardness: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """One negative per row: (negative image per text, negative text per image), both (B,).
 
     Drawn t2i first, then i2t (ALBEF's order). Rows are sampled in one vectorised call.
+    ``hardness``: see :func:`negative_weights` (1 = ALBEF).
     """
-    w_t2i = negative_weights(sim_t2i_batch, idx)
-    w_i2t = negative_weights(sim_i2t_batch, idx)
+    w_t2i = negative_weights(sim_t2i_batch, idx, hardness)
+    w_i2t = negative_weights(sim_i2t_batch, idx, hardness)
     # Only retrieval batches (several captions per image) can leave a row without negatives;
     # the check syncs with the device, so the pre-training path skips it (diagonal-only zeroing
     # with B >= 2 always leaves a candidate).

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from model.albef import ALBEF, ImageOutput, TextOutput
-from model.losses import itc_loss, itm_loss, mlm_loss, soft_targets
+from model.losses import itc_loss, itm_loss, itm_pair_stats, mlm_loss, soft_targets
 from model.method.gradcam import gradcam_maps
 from model.method.softmask import (
     apply_patch_mask,
@@ -166,7 +166,7 @@ class Objective(nn.Module):
 
     # ----------------------------------------------------------------------------- ITM
     def _itm(self, img: ImageOutput, txt: TextOutput, inp: _Inputs, sim_i2t: Tensor,
-             sim_t2i: Tensor) -> _ITMResult:
+             sim_t2i: Tensor, hardness: float) -> _ITMResult:
         """ALBEF §2.2 plus SoftMask's extra positives."""
         s, b, mask = self.settings, img.tokens.shape[0], inp.attention_mask
         want_attn = s.softmask == "gradcam"
@@ -174,7 +174,7 @@ class Objective(nn.Module):
                                 attn_layer=s.softmask_layer if want_attn else None)
         pos_logits = self.student.itm_logits(pos.hidden)
         neg_img, neg_txt = sample_hard_negatives(sim_i2t[:, :b], sim_t2i[:, :b],
-                                                 self.generator, inp.idx)
+                                                 self.generator, inp.idx, hardness)
         neg = self.student.fuse(
             torch.cat([txt.states, txt.states[neg_txt]]),
             torch.cat([mask, mask[neg_txt]]),
@@ -182,16 +182,15 @@ class Objective(nn.Module):
         )
         neg_logits = self.student.itm_logits(neg.hidden)
         stats: dict[str, Tensor] = {}
-        masked_hidden = None
+        masked_hidden = extra = None
         if s.softmask != "off":
             patch_mask = self._patch_mask(pos_logits, pos.cross_attn, inp, img.tokens.shape[1] - 1)
             masked_hidden = self.student.fuse(
                 txt.states, mask, apply_patch_mask(img.tokens, patch_mask)).hidden
             extra = self.student.itm_logits(masked_hidden)
             stats["mask_mean"] = patch_mask.mean().detach()
-            loss = itm_loss(pos_logits, neg_logits, extra)
-        else:
-            loss = itm_loss(pos_logits, neg_logits)
+        loss = itm_loss(pos_logits, neg_logits, extra)
+        stats.update(itm_pair_stats(pos_logits, neg_logits, extra))
         return _ITMResult(loss, pos.hidden, masked_hidden, stats)
 
     def _patch_mask(self, pos_logits: Tensor, cross_attn: Tensor | None, inp: _Inputs,
@@ -237,10 +236,12 @@ class Objective(nn.Module):
         return loss
 
     # ----------------------------------------------------------------------------- step
-    def forward(self, batch: dict[str, Tensor], alpha: float, enqueue: bool = True) -> StepOutput:
+    def forward(self, batch: dict[str, Tensor], alpha: float, enqueue: bool = True,
+                hardness: float = 1.0) -> StepOutput:
         """One training step's losses. batch: image (B,3,H,W), input_ids/attention_mask (B,L),
         optional image_strong (B,3,H,W) and image_idx (B,). ``alpha``: distillation weight;
-        ``enqueue``: push this step's momentum features into the queues (ALBEF: always)."""
+        ``enqueue``: push this step's momentum features into the queues (ALBEF: always);
+        ``hardness``: ITM negative sampling sharpness (1 = ALBEF, 0 = random negatives)."""
         s = self.settings
         if not s.retrieval:  # ALBEF clamps temp in pre-training only (pitfall 13)
             with torch.no_grad():
@@ -255,7 +256,7 @@ class Objective(nn.Module):
         loss_itc, sim_i2t, sim_t2i = self._itc(img, txt, t_img, t_txt, inp.idx, alpha)
         if enqueue:
             self.queue.enqueue(t_img.feat, t_txt.feat, inp.idx)
-        itm = self._itm(img, txt, inp, sim_i2t, sim_t2i)
+        itm = self._itm(img, txt, inp, sim_i2t, sim_t2i, hardness)
         losses = {"itc": loss_itc, "itm": itm.loss}
         if s.mlm_weight > 0:
             losses["mlm"] = self._mlm(img, t_img, inp, itm.pos_hidden, itm.masked_hidden, alpha)

@@ -207,7 +207,7 @@ def test_resume_with_another_config_is_refused(synthetic_cache: Path, tmp_path: 
     cfg = load_experiment(preset="tiny", sets=sets)
     train(cfg, tmp_path, stop_after=1, progress=False, device="cpu")
     saved_config = (tmp_path / "config.yaml").read_text()
-    other = load_experiment(preset="tiny", sets=[*sets, "train.lr=2e-3"])
+    other = load_experiment(preset="tiny", sets=[*sets, "train.lr=3e-3"])
     with pytest.raises(RuntimeError, match="config"):
         train(other, tmp_path, stop_after=2, progress=False, device="cpu")
     # the refused run must leave the run directory describing the checkpoint's experiment

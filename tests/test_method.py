@@ -158,7 +158,8 @@ def test_every_switch_off_is_bit_identical_to_albef() -> None:
             out, grads = results[name][step]
             ref_out, ref_grads = results[ref_name][step]
             assert set(out.losses) == {"itc", "itm", "mlm"}
-            assert set(out.stats) == {"temp"}, "no method statistic when every switch is off"
+            method_stats = {k for k in out.stats if k != "temp" and not k.startswith("itm/")}
+            assert not method_stats, "no method statistic when every switch is off"
             for key in ref_out.losses:
                 assert torch.equal(out.losses[key], ref_out.losses[key]), (name, step, key)
             assert torch.equal(out.loss, ref_out.loss)

@@ -57,7 +57,11 @@ def test_cell_trains_three_steps(cell: str) -> None:
     for step in range(STEPS):
         out = train_step(objective, optimizer, random_batch(step), alpha=0.4)
         assert set(out.losses) == {"itc", "itm", "mlm"}, out.losses
-        assert set(out.stats) == ({"temp", "mask_mean"} if masked else {"temp"})
+        itm_groups = {f"itm/{g}_{k}" for g in ("pos", "neg_img", "neg_txt", "clean")
+                      for k in ("loss", "acc")}
+        if masked:
+            itm_groups |= {"itm/masked_loss", "itm/masked_acc", "itm/shortcut"}
+        assert set(out.stats) == ({"temp", "mask_mean"} if masked else {"temp"}) | itm_groups
         for key, value in {**out.losses, "total": out.loss}.items():
             assert value.ndim == 0 and torch.isfinite(value), (cell, step, key, value)
         if masked:

@@ -125,8 +125,22 @@ class LossConfig:
     mlm_prob: float = 0.15
     focal_gamma: float = 0.0
     focal_detach: bool = False
+    # Curriculum of ITM negatives, (start, end) in global steps: uniformly random in-batch
+    # negatives before ``start``, ALBEF's similarity-weighted hard negatives from ``end`` on,
+    # a linear blend of the sampling logits in between. (0, 0) = ALBEF: hard from step 1. From
+    # random init, hard negatives arrive before the fusion layers can tell even a random
+    # caption from the true one, and ITM stays at its class prior (see the tiny preset).
+    itm_neg_ramp: tuple[int, int] = (0, 0)
+    # Sharpness the curriculum ends at: negatives are drawn with weights softmax(h * sim),
+    # h = 1 is ALBEF's hard-negative sampling, h = 0 uniformly random negatives.
+    itm_neg_hardness: float = 1.0
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.itm_neg_hardness <= 1.0, "itm_neg_hardness",
+               f"must be in [0, 1], got {self.itm_neg_hardness}")
+        start, end = self.itm_neg_ramp
+        _check(0 <= start <= end, "itm_neg_ramp",
+               f"must be (start, end) with 0 <= start <= end, got {self.itm_neg_ramp}")
         for name in ("itc", "itm", "mlm"):
             weight = getattr(self, name)
             _check(weight >= 0, name, f"weight must be >= 0, got {weight}")
@@ -193,6 +207,18 @@ class SyntheticDataConfig:
     n_train_images: int = 4000
     n_test_images: int = 500
     image_size: int = 32
+    # "mixed": some captions leave out sizes, the relation or an object, so one caption can be
+    # true of several scenes; "full": every caption names the whole scene (model/data/synthetic.py).
+    caption_style: Literal["mixed", "full", "relational"] = "mixed"
+    # Share of training and evaluation scenes with a single object.
+    single_object_fraction: float = 0.1
+    # Object side as a fraction of the image side, for the sizes "small" and "large".
+    size_fractions: tuple[float, float] = (0.4, 0.48)
+
+    def __post_init__(self) -> None:
+        _check(all(0.1 <= f <= 0.5 for f in self.size_fractions), "size_fractions",
+               f"each must be in [0.1, 0.5] (two objects share the image), got "
+               f"{self.size_fractions}")
 
 
 @dataclass(frozen=True)

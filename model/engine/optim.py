@@ -67,6 +67,21 @@ def alpha_at(base_alpha: float, warmup: bool, epoch: int, step_in_epoch: int,
     return base_alpha * min(1.0, step_in_epoch / max(1, steps_per_epoch))
 
 
+def hardness_at(ramp: tuple[int, int], global_step: int, final: float = 1.0) -> float:
+    """ITM negative-sampling sharpness at ``global_step`` (``loss.itm_neg_ramp``).
+
+    0 before ``start`` (random in-batch negatives), ``final`` from ``end`` on (1 = ALBEF's
+    similarity-weighted hard negatives), linear in between; ``(0, 0)`` with ``final = 1`` is
+    ALBEF: always 1.
+    """
+    start, end = ramp
+    if global_step >= end:
+        return final
+    if global_step < start:
+        return 0.0
+    return final * (global_step - start) / (end - start)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -36,6 +36,25 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def late_training_means(path: Path, prefix: str, total_steps: int,
+                        share: float = 0.25) -> dict[str, float]:
+    """Mean of every ``prefix``-named train scalar over the logged steps of the last ``share``
+    of training (later duplicates of a step, written after a resume, replace earlier ones).
+
+    Per-batch diagnostics are noisy at a small batch; a window mean is what a table can show.
+    """
+    first = total_steps - share * total_steps
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            record = json.loads(line)
+            if record.get("kind") == "train" and record["step"] > first:
+                by_step[record["step"]] = record
+    keys = sorted({k for r in by_step.values() for k in r if k.startswith(prefix)})
+    return {k: sum(r[k] for r in by_step.values() if k in r)
+            / sum(k in r for r in by_step.values()) for k in keys}
+
+
 def git_revision(repo: Path | None = None) -> tuple[str, bool]:
     """(commit sha or 'unknown', dirty flag) of the code that runs."""
     cwd = repo or Path(__file__).resolve().parents[2]

@@ -32,6 +32,7 @@ def train_step(
     alpha: float,
     precision: str = "fp32",
     enqueue: bool = True,
+    hardness: float = 1.0,
 ) -> StepOutput:
     """Forward (``Objective`` or its DDP wrapper), backward, optimizer step.
 
@@ -41,7 +42,7 @@ def train_step(
     device = next(iter(_params(objective))).device
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(device, precision):
-        out: StepOutput = objective(batch, alpha, enqueue)
+        out: StepOutput = objective(batch, alpha, enqueue, hardness)
     out.loss.backward()
     optimizer.step()
     return StepOutput(

@@ -28,7 +28,7 @@ from model.engine.data import (
     special_ids,
 )
 from model.engine.distributed import DistInfo, init_distributed
-from model.engine.optim import alpha_at, build_optimizer, lr_at, set_lr
+from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
 from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
 from model.engine.step import move_batch, train_step
 from model.objective import Objective, StepOutput
@@ -168,7 +168,9 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
         set_lr(tr.optimizer, lr)
         out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), alpha,
                          cfg.train.precision,
-                         enqueue=st.global_step >= cfg.model.queue_warmup_steps)
+                         enqueue=st.global_step >= cfg.model.queue_warmup_steps,
+                         hardness=hardness_at(cfg.loss.itm_neg_ramp, st.global_step,
+                                              cfg.loss.itm_neg_hardness))
         st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
         bar.update(1)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == stop_at or \
