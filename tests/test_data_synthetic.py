@@ -32,7 +32,8 @@ from model.data.synthetic import (
 from model.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 SMALL = SyntheticSpec(seed=3, n_train_images=40, n_test_images=20, n_val_images=6)
-JSON_FILES = ("train.json", "val.json", "test.json", "test_coco.json", "test_negatives.json")
+JSON_FILES = ("train.json", "val.json", "test.json", "test_coco.json", "test_negatives.json",
+              "test_boxes.json")
 OUTPUT_FILES = (*JSON_FILES, "vocab.txt", "manifest.json")
 
 
@@ -121,6 +122,9 @@ def test_hard_negatives_differ_by_exactly_the_named_swap(small: SyntheticPaths) 
             assert words[i] in vocabulary and words[j] in vocabulary
             assert (swapped[i], swapped[j]) == (words[j], words[i])
             assert Counter(swapped) == Counter(words)  # same bag of words
+        # The reference negative is another test scene's main caption.
+        other = entry["negatives"]["random"]
+        assert other != true and any(other == t[0] for t in test.values())
         flipped = entry["negatives"]["relation"].split()
         diff = [i for i, (a, b) in enumerate(zip(words, flipped, strict=True)) if a != b]
         assert len(diff) == 1 and opposite[words[diff[0]]] == flipped[diff[0]]
@@ -258,3 +262,40 @@ def test_cli_prints_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = capsys.readouterr().out
     assert "train: {'images': 6" in printed and "test: {'images': 4" in printed
     assert _load(tmp_path / "manifest.json")["spec"]["image_size"] == 48
+
+
+def test_relational_captions_state_both_objects_and_the_relation() -> None:
+    from model.data.synthetic import scene_captions
+
+    left = SceneObject("red", "circle", "small")
+    right = SceneObject("blue", "square", "large")
+    scene = Scene(objects=(left, right), axis="horizontal")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        captions, main_triple = scene_captions(scene, 5, rng, style="relational")
+        assert captions[0] == relation_caption(*main_triple)  # sizes in the main caption only
+        for k, caption in enumerate(captions):
+            words = caption.split()
+            for obj in (left, right):
+                assert obj.colour in words and obj.shape in words
+            # Templates 0-2 name the subject first, 3-4 the reference object first; the
+            # subject stands in the stated relation to the other (red circle is the left one).
+            colours = [w for w in words if w in ("red", "blue")]
+            subject = colours[0] if k < 3 else colours[1]
+            relation = "left" if "left" in words else "right"
+            assert subject == ("red" if relation == "left" else "blue"), caption
+        for caption in captions[1:]:
+            assert "small" not in caption.split() and "large" not in caption.split()
+
+
+def test_caption_style_is_validated_and_part_of_the_cache_key() -> None:
+    with pytest.raises(ValueError, match="caption_style"):
+        SyntheticSpec(caption_style="poetic")
+    assert SyntheticSpec(caption_style="relational").hash() != SyntheticSpec().hash()
+
+
+def test_no_single_object_scenes_when_asked() -> None:
+    spec = SyntheticSpec(n_train_images=50, n_test_images=10, n_val_images=0,
+                         single_object_fraction=0.0)
+    assert all(len(s.objects) == 2 for s in _sample_train_scenes(spec))
+    assert all(len(s.objects) == 2 for s in _sample_eval_scenes(spec)[0])

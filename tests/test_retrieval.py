@@ -367,6 +367,7 @@ def test_compositional_batching_and_pair_scores(model: ALBEF, tokenizer: TextTok
     assert one == pytest.approx(many)
     assert one["comp/mean"] == pytest.approx(
         (one["comp/colour"] + one["comp/shape"] + one["comp/relation"]) / 3)
+
     assert all(v in {0.0, 25.0, 50.0, 75.0, 100.0} for v in (one["comp/shape"],
                                                                one["comp_itc/shape"]))
     # score_pairs: each caption is fused with its own image only.
@@ -436,3 +437,16 @@ def test_two_ranks_equal_single_process(tmp_path: Path) -> None:
     torch.multiprocessing.spawn(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)),
                                 nprocs=2)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["equal", "equal"]
+
+
+def test_reference_negatives_are_reported_but_not_averaged(
+        model: ALBEF, tokenizer: TextTokenizer, negative_items: list[dict[str, Any]],
+        tmp_path: Path) -> None:
+    for item in negative_items:
+        item["negatives"]["random"] = "a green triangle above the yellow diamond"
+    out = compositional_accuracy(model, negative_items, build_transform("test", 32), tmp_path,
+                                 tokenizer, "cpu", batch_size=2)
+    assert "comp/random" in out and "comp_itc/random" in out
+    for prefix in ("comp", "comp_itc"):
+        swaps = [out[f"{prefix}/{k}"] for k in ("colour", "shape", "relation")]
+        assert out[f"{prefix}/mean"] == pytest.approx(sum(swaps) / 3)

@@ -18,7 +18,9 @@ compositional hard negatives that a bag-of-words model cannot separate from the 
 Files written under ``root`` (image paths in the JSON files are relative to ``root``):
 ``images/{train,val,test}/NNNNNN.png``, ``train.json`` (pre-training format), ``val.json`` and
 ``test.json`` (retrieval-evaluation format), ``test_coco.json`` (COCO captions format),
-``test_negatives.json``, ``vocab.txt`` and ``manifest.json`` (written last; it caches the set).
+``test_negatives.json``, ``test_boxes.json`` (every test image's first caption and the box of
+each object it names, for scoring Grad-CAM localisation), ``vocab.txt`` and ``manifest.json``
+(written last; it caches the set).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from model.data.tokenizer import build_wordpiece_vocab
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: test_boxes.json (object boxes of every test image); 3: a "random" reference negative in
+# test_negatives.json.
+FORMAT_VERSION = 3
 
 # The six default colours have hues about 60 degrees apart, so that the strong view's hue
 # jitter (up to 0.1 of the colour circle) rarely turns one named colour into another. Orange and
@@ -65,6 +69,7 @@ RELATIONS: dict[str, tuple[str, str]] = {
 }
 SIDES: dict[str, tuple[str, str]] = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
 N_TEMPLATES = 5
+CAPTION_STYLES = ("mixed", "full", "relational")
 # Shapes are drawn at this multiple of the image size and box-filtered down: clean anti-aliased
 # edges at 32 px without hand-written rasterisation.
 _SUPERSAMPLE = 4
@@ -98,6 +103,10 @@ class SyntheticSpec:
         holdout_eval_scenes: If True, no training image shows a scene description used in test
             or validation (a compositional-generalisation split). By default training images
             are independent renders that may repeat an evaluation description.
+        caption_style: "mixed": five templates of which two leave out sizes, one the relation
+            and one an object (so one caption can be true of several scenes); "full": every
+            caption names every object's size, colour and shape and, with two objects, the
+            relation, in five phrasings (a caption is true of its scene description only).
     """
 
     seed: int = 0
@@ -116,6 +125,7 @@ class SyntheticSpec:
     texture_std: float = 10.0
     colour_jitter: int = 15
     holdout_eval_scenes: bool = False
+    caption_style: str = "mixed"
 
     def __post_init__(self) -> None:
         """Reject specs that cannot be generated, naming the field."""
@@ -146,6 +156,8 @@ class SyntheticSpec:
             "in [0, 1]",
             self.single_object_fraction,
         )
+        _check(self.caption_style in CAPTION_STYLES, "caption_style",
+               f"one of {list(CAPTION_STYLES)}", self.caption_style)
         for name in ("noise_std", "texture_std", "colour_jitter"):
             _check(getattr(self, name) >= 0, name, "non-negative", getattr(self, name))
 
@@ -183,6 +195,7 @@ class SyntheticPaths:
     val_file: Path | None
     coco_file: Path
     negatives_file: Path
+    boxes_file: Path
     vocab_file: Path
     manifest_file: Path
 
@@ -320,9 +333,9 @@ Triple = tuple[SceneObject, str, SceneObject]
 
 
 def scene_captions(
-    scene: Scene, count: int, rng: np.random.Generator
+    scene: Scene, count: int, rng: np.random.Generator, style: str = "mixed"
 ) -> tuple[list[str], Triple | None]:
-    """The first ``count`` template captions of a scene.
+    """The first ``count`` template captions of a scene (``style``: see ``SyntheticSpec``).
 
     Returns:
         The captions, and for a two-object scene the (subject, relation, other) triple that the
@@ -330,6 +343,15 @@ def scene_captions(
     """
     if len(scene.objects) == 1:
         (obj,) = scene.objects
+        if style in ("full", "relational"):
+            captions = [
+                f"a {_full(obj)}",
+                f"there is a {_full(obj)}",
+                f"the {obj.shape} is {obj.size} and {obj.colour}",
+                f"a single {_full(obj)}",
+                f"one {_full(obj)}",
+            ]
+            return captions[:count], None
         captions = [
             f"a {_full(obj)}",
             f"there is a {_short(obj)}",
@@ -341,6 +363,20 @@ def scene_captions(
     main = _oriented(scene, rng)
     s2, r2, o2 = _oriented(scene, rng)
     s3, r3, o3 = _oriented(scene, rng)
+    if style in ("full", "relational"):
+        # Every caption states both objects and the relation; "relational" names sizes only
+        # in the first (main) caption.
+        name = _full if style == "full" else _short
+        s4, r4, o4 = _oriented(scene, rng)
+        s5, r5, o5 = _oriented(scene, rng)
+        captions = [
+            relation_caption(*main),
+            f"there is a {name(s2)} {r2} a {name(o2)}",
+            f"the {name(s3)} is {r3} the {name(o3)}",
+            f"a {name(o4)} with a {name(s4)} {r4} it",
+            f"{r5} a {name(o5)} is a {name(s5)}",
+        ]
+        return captions[:count], main
     x, y = scene.objects if rng.random() < 0.5 else scene.objects[::-1]
     side_index = int(rng.integers(0, 2))
     lone = scene.objects[side_index]
@@ -453,16 +489,32 @@ def _shape_alpha(shape: str, x: float, y: float, extent: float, size: int) -> np
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
+Box = tuple[float, float, float, float]
+
+
 def render_scene(scene: Scene, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     """Draw a scene: background, objects (jittered colours), then pixel noise. uint8 HxWx3."""
+    return render_scene_with_boxes(scene, spec, rng)[0]
+
+
+def render_scene_with_boxes(scene: Scene, spec: SyntheticSpec, rng: np.random.Generator
+                            ) -> tuple[np.ndarray, list[Box]]:
+    """:func:`render_scene` plus each object's box ``(x0, y0, x1, y1)`` in pixels.
+
+    The box is the square of side ``extent`` centred on the object: the circle's and the
+    triangle's bounding box exactly, a little larger than the square (drawn at 0.89 of it).
+    """
     canvas = _background(spec, rng)
+    boxes: list[Box] = []
     for obj, (x, y, extent) in zip(scene.objects, _place(scene, spec, rng), strict=True):
         alpha = _shape_alpha(obj.shape, x, y, extent, spec.image_size)[:, :, None]
         jitter = rng.uniform(-spec.colour_jitter, spec.colour_jitter, 3)
         colour = np.asarray(PALETTE[obj.colour], dtype=np.float32) + jitter
         canvas = canvas * (1.0 - alpha) + colour * alpha
+        half = extent / 2
+        boxes.append((x - half, y - half, x + half, y + half))
     canvas = canvas + rng.normal(0.0, spec.noise_std, canvas.shape)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), boxes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +528,8 @@ class _Record:
     image: str
     captions: list[str]
     main: Triple | None
+    objects: tuple[SceneObject, ...] = ()
+    boxes: tuple[Box, ...] = ()
 
 
 def _render_split(
@@ -486,13 +540,15 @@ def _render_split(
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     records = []
     for index, scene in enumerate(scenes):
-        captions, main = scene_captions(scene, spec.captions_per_image, rng)
-        pixels = render_scene(scene, spec, rng)
+        captions, main = scene_captions(scene, spec.captions_per_image, rng,
+                                        spec.caption_style)
+        pixels, boxes = render_scene_with_boxes(scene, spec, rng)
         relative = f"images/{split}/{index:06d}.png"
         Image.fromarray(pixels).save(
             root / relative, format="PNG", compress_level=_PNG_COMPRESS_LEVEL
         )
-        records.append(_Record(image=relative, captions=captions, main=main))
+        records.append(_Record(image=relative, captions=captions, main=main,
+                               objects=scene.objects, boxes=tuple(boxes)))
     return records
 
 
@@ -523,15 +579,37 @@ def _coco_captions(records: list[_Record], size: int) -> dict[str, object]:
 
 
 def _negative_entries(records: list[_Record]) -> list[dict[str, object]]:
-    """Hard negatives for every two-object image."""
+    """Hard negatives for every two-object image, plus an easy reference negative ("random":
+    the main caption of the two-object image half the list away, a different scene since test
+    descriptions are distinct): accuracy on it says whether ITM matches at all."""
+    pairs = [r for r in records if r.main is not None]
     return [
         {
             "image": r.image,
             "caption": relation_caption(*r.main),
-            "negatives": hard_negatives(*r.main),
+            "negatives": {
+                **hard_negatives(*r.main),
+                **({"random": relation_caption(*pairs[(i + len(pairs) // 2) % len(pairs)].main)}
+                   if len(pairs) > 1 else {}),
+            },
+        }
+        for i, r in enumerate(pairs)
+    ]
+
+
+def _box_entries(records: list[_Record]) -> list[dict[str, object]]:
+    """Every image's first caption and, per object, its words and box (pixels, x0 y0 x1 y1)."""
+    return [
+        {
+            "image": r.image,
+            "caption": r.captions[0],
+            "objects": [
+                {"colour": o.colour, "shape": o.shape, "size": o.size,
+                 "box": [round(v, 3) for v in box]}
+                for o, box in zip(r.objects, r.boxes, strict=True)
+            ],
         }
         for r in records
-        if r.main is not None
     ]
 
 
@@ -552,6 +630,7 @@ _FILE_NAMES = {
     "test": "test.json",
     "coco": "test_coco.json",
     "negatives": "test_negatives.json",
+    "boxes": "test_boxes.json",
     "vocab": "vocab.txt",
 }
 
@@ -565,6 +644,7 @@ def _paths(root: Path, has_val: bool) -> SyntheticPaths:
         val_file=root / _FILE_NAMES["val"] if has_val else None,
         coco_file=root / _FILE_NAMES["coco"],
         negatives_file=root / _FILE_NAMES["negatives"],
+        boxes_file=root / _FILE_NAMES["boxes"],
         vocab_file=root / _FILE_NAMES["vocab"],
         manifest_file=root / "manifest.json",
     )
@@ -589,6 +669,7 @@ def _is_complete(paths: SyntheticPaths) -> bool:
         paths.test_file,
         paths.coco_file,
         paths.negatives_file,
+        paths.boxes_file,
         paths.vocab_file,
     ]
     if paths.val_file is not None:
@@ -661,6 +742,7 @@ def _write_annotations(
     _write_json(paths.coco_file, _coco_captions(splits["test"], spec.image_size))
     negatives = _negative_entries(splits["test"])
     _write_json(paths.negatives_file, negatives)
+    _write_json(paths.boxes_file, _box_entries(splits["test"]))
     all_captions = [c for records in splits.values() for r in records for c in r.captions]
     build_wordpiece_vocab(all_captions, paths.vocab_file)
     counts: dict[str, object] = {name: _split_counts(records) for name, records in splits.items()}

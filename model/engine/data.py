@@ -30,12 +30,16 @@ class DataSources:
     negatives_file: Path | None
     tokenizer: str | Path
     synthetic: bool
+    # Object boxes of the evaluation images (synthetic data only): Grad-CAM localisation.
+    boxes_file: Path | None = None
 
 
 def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
     s = cfg.data.synthetic
     return SyntheticSpec(seed=s.seed, n_train_images=s.n_train_images,
-                         n_test_images=s.n_test_images, image_size=s.image_size)
+                         n_test_images=s.n_test_images, image_size=s.image_size,
+                         caption_style=s.caption_style, size_fractions=s.size_fractions,
+                         single_object_fraction=s.single_object_fraction)
 
 
 def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) -> DataSources:
@@ -49,7 +53,7 @@ def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) ->
         barrier()
         paths = generate(root, spec)  # cached: returns immediately once written
         return DataSources((paths.train_file,), paths.root, paths.test_file, "albef",
-                           paths.negatives_file, paths.vocab_file, True)
+                           paths.negatives_file, paths.vocab_file, True, paths.boxes_file)
     return DataSources(
         tuple(Path(f) for f in d.train_files), Path(d.image_root),
         Path(d.eval_file) if d.eval_file else None, d.eval_format,
