@@ -204,6 +204,31 @@ def test_cli_end_to_end(run, tmp_path) -> None:
         visualize.main(["--run-dir", str(run_dir), "--image", str(image)])
 
 
+def _magenta(path: Path) -> np.ndarray:
+    png = mpimg.imread(path)[..., :3]
+    return (png[..., 0] > 0.95) & (png[..., 1] < 0.05) & (png[..., 2] > 0.95)
+
+
+def test_cli_draws_the_ground_truth_boxes_of_synthetic_pairs(run, tmp_path) -> None:
+    out = tmp_path / "boxes.png"
+    res = visualize.main(["--run-dir", str(run["dir"]), "--n", "2", "--out", str(out),
+                          "--no-blur"])
+    magenta = _magenta(out)
+    assert magenta.any()
+    # Outlines on every panel of both rows (image, one per word, mask).
+    for r in range(2):
+        for c in range(res.n_columns):
+            top, left, bottom, right = visualize._panel_box(r, c, res.panel_size)
+            assert magenta[top:bottom + 1, left:right + 1].any(), (r, c)
+    # Pairs given on the command line have no boxes.
+    image = run["sources"].image_root / json.loads(
+        Path(run["sources"].eval_file).read_text())[0]["image"]
+    plain = tmp_path / "plain.png"
+    visualize.main(["--run-dir", str(run["dir"]), "--image", str(image), "--caption",
+                    "a red circle", "--out", str(plain), "--no-blur"])
+    assert not _magenta(plain).any()
+
+
 @pytest.mark.slow
 def test_cli_as_a_module(run, tmp_path) -> None:
     """``python -m model.method.visualize`` in a fresh interpreter (import cost: marked slow)."""

@@ -22,8 +22,17 @@ from model.engine.checkpoint import checkpoint_path
 from model.engine.compositional import compositional_accuracy, load_negative_items
 from model.engine.data import build_eval_dataset, build_tokenizer
 from model.engine.distributed import barrier, cleanup_distributed
+from model.engine.localisation import load_box_items, localisation_scores
 from model.engine.retrieval import evaluate_retrieval
-from model.engine.run_io import DONE, FAILED, METRICS, RESULT, append_jsonl, write_json_atomic
+from model.engine.run_io import (
+    DONE,
+    FAILED,
+    METRICS,
+    RESULT,
+    append_jsonl,
+    late_training_means,
+    write_json_atomic,
+)
 from model.engine.train import Trainer, train
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,12 @@ def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(compositional_accuracy(student, items, build_transform("test", size),
                                               tr.sources.image_root, tokenizer, device,
                                               cfg.eval.batch_size))
+    if tr.sources.boxes_file is not None:
+        size = cfg.eval.image_size or cfg.model.vision.image_size
+        metrics.update(localisation_scores(
+            student, load_box_items(tr.sources.boxes_file), build_transform("test", size),
+            tr.sources.image_root, tokenizer, device, cfg.softmask.layer,
+            cfg.model.vision.patch_size, cfg.eval.batch_size))
     provenance = {
         **report.provenance,
         "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_hash,
@@ -108,6 +123,11 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     # across ranks and all-reduces them (a rank-0-only call would wait forever).
     with torch.no_grad():
         metrics, provenance = evaluate_trained(tr)
+    # ITM by pair type over the last quarter of training (the table's clean-pair accuracy);
+    # accuracies in percent like every other metric, losses as they are.
+    late = late_training_means(run_dir / METRICS, "itm/", summary.steps)
+    metrics.update({k: 100.0 * v if k.endswith(("_acc", "shortcut")) else v
+                    for k, v in late.items()})
     if tr.dist.is_main:
         append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
                                          "split": provenance["split"], **metrics})

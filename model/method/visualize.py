@@ -52,6 +52,7 @@ LABEL_H = 16
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
 FRAME = (128, 128, 128)
+BOX = (255, 0, 255)  # ground-truth object boxes: magenta is in neither the jet map nor the mask
 OVERLAY_POWER = 0.7  # ALBEF notebook: a^0.7
 BLUR_FRACTION = 0.02  # ALBEF notebook: sigma = 0.02 * max(H, W)
 
@@ -202,7 +203,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def _render(rows: list[GalleryRow], images: list[np.ndarray], panel: int, n_columns: int,
-            out_path: Path) -> tuple[int, int]:
+            out_path: Path, boxes: Sequence[Sequence[Sequence[float]]] | None = None
+            ) -> tuple[int, int]:
     n_rows = len(rows)
     width = PAD + n_columns * (panel + PAD)
     height = PAD + n_rows * (CAPTION_H + LABEL_H + panel + PAD)
@@ -229,6 +231,8 @@ def _render(rows: list[GalleryRow], images: list[np.ndarray], panel: int, n_colu
             canvas.paste(Image.fromarray(_to_uint8(tile)), (left, top))
             if c == n_columns - 1:  # frame the mask: kept patches are white like the page
                 draw.rectangle((left - 1, top - 1, right, bottom), outline=FRAME)
+            for x0, y0, x1, y1 in (boxes[r] if boxes else ()):  # ground-truth objects
+                draw.rectangle((left + x0, top + y0, left + x1, top + y1), outline=BOX)
             text = _fit(draw, labels[c], small, panel)
             x = left + (panel - draw.textlength(text, font=small)) / 2
             draw.text((x, top - LABEL_H + 2), text, fill=TEXT, font=small)
@@ -319,6 +323,7 @@ def gradcam_gallery(
     max_tokens: int = 30,
     clean: bool = True,
     seed: int = 0,
+    boxes: Sequence[Sequence[Sequence[float]]] | None = None,
 ) -> GalleryResult:
     """Write the per-word Grad-CAM gallery PNG and return its arrays.
 
@@ -343,6 +348,8 @@ def gradcam_gallery(
         max_tokens: Tokenisation length cap, [CLS] included.
         clean: Apply ALBEF's ``pre_caption`` to the captions first (as training does).
         seed: Seed for the random mask-word choice.
+        boxes: Per pair, the ground-truth object boxes ``(x0, y0, x1, y1)`` in the image's
+            pixels (the synthetic set's ``test_boxes.json``), outlined on every panel.
     """
     if len(images) != len(captions) or not images:
         raise ValueError(f"need equally many images and captions (got {len(images)} images and "
@@ -371,7 +378,10 @@ def gradcam_gallery(
     n_columns = 2 + max(len(r.words) for r in rows)
     shown_images = [_display_image(im, panel_size) for im in images]
     out = Path(out_path)
-    size = _render(rows, shown_images, panel_size, n_columns, out)
+    scaled = None if boxes is None else [
+        [[v * panel_size / im.width for v in box] for box in row_boxes]
+        for im, row_boxes in zip(images, boxes, strict=True)]
+    size = _render(rows, shown_images, panel_size, n_columns, out, scaled)
     return GalleryResult(out, rows, panel_size, n_columns, size, layer, (side, side))
 
 
@@ -389,16 +399,25 @@ def _load_config(run_dir: Path, sets: Sequence[str]):
     return from_dict(ExperimentConfig, merged, origins)
 
 
-def _eval_pairs(cfg, sources, n: int) -> tuple[list[Image.Image], list[str]]:
+def _eval_pairs(cfg, sources, n: int
+                ) -> tuple[list[Image.Image], list[str], list[list[list[float]]] | None]:
+    """The first ``n`` evaluation images with their first caption, and their object boxes when
+    the split has a boxes file (synthetic data)."""
     from model.engine.data import build_eval_dataset
+    from model.engine.localisation import load_box_items
 
     dataset = build_eval_dataset(cfg, sources)
-    images, captions = [], []
+    by_image = ({item["image"]: [o["box"] for o in item["objects"]]
+                 for item in load_box_items(sources.boxes_file)}
+                if sources.boxes_file is not None else None)
+    images, captions, boxes = [], [], []
     for i in range(min(n, len(dataset))):
         with Image.open(dataset.image_root / dataset.image_paths[i]) as raw:
             images.append(raw.convert("RGB"))
         captions.append(dataset.texts[dataset.img2txt[i][0]])
-    return images, captions
+        if by_image is not None:
+            boxes.append(by_image.get(str(dataset.image_paths[i]), []))
+    return images, captions, boxes if by_image is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,9 +472,9 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
         for path in args.image:
             with Image.open(path) as raw:
                 images.append(raw.convert("RGB"))
-        captions = list(args.caption)
+        captions, boxes = list(args.caption), None
     else:
-        images, captions = _eval_pairs(cfg, sources, args.n)
+        images, captions, boxes = _eval_pairs(cfg, sources, args.n)
     out = args.out or run_dir / "gradcam_gallery.png"
     result = gradcam_gallery(
         student, tokenizer, images, captions,
@@ -463,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
         layer=cfg.softmask.layer if args.layer is None else args.layer,
         out_path=out, mask_word=args.mask_word, panel_size=args.panel_size,
         blur=not args.no_blur, max_words=args.max_words, max_tokens=cfg.data.eval_max_tokens,
-        seed=args.seed,
+        seed=args.seed, boxes=boxes,
     )
     print(f"wrote {result.path} ({result.size[1]}x{result.size[0]} px, {len(result.rows)} rows, "
           f"layer {result.layer})")
