@@ -34,6 +34,10 @@ RUN_COLUMNS = (
 COLUMNS = [*RUN_COLUMNS, "metric", "value"]
 CURVE_COLUMNS = ["grid", "cell", "seed", "run_id", "step", "epoch", "metric", "value"]
 LOSS_KEYS = ("loss/total", "loss/itc", "loss/itm", "loss/mlm")
+# ITM by pair type (model/losses.py itm_pair_stats): does ITM match, or only know the prior?
+ITM_KEYS = ("itm/clean_loss", "itm/pos_acc", "itm/neg_img_acc", "itm/neg_txt_acc",
+            "itm/masked_acc", "itm/shortcut")
+CURVE_KEYS = LOSS_KEYS + ITM_KEYS
 
 _RUN_DIR = re.compile(r"^(?P<cell>.+)__s(?P<seed>\d+)__(?P<hash>[^_]+)$")
 
@@ -353,7 +357,7 @@ def load_curves(
     grid: str | None = None,
     *,
     runs: pd.DataFrame | None = None,
-    keys: Sequence[str] = LOSS_KEYS,
+    keys: Sequence[str] = CURVE_KEYS,
     kind: str = "train",
 ) -> pd.DataFrame:
     """Training curves from every run's ``metrics.jsonl`` in long format.

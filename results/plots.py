@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from results.collect import LOSS_KEYS  # noqa: E402
+from results.collect import CURVE_KEYS  # noqa: E402
 from results.tables import PaperNumbers, TableResult  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ def _draw_ours(ax: plt.Axes, result: TableResult) -> None:
             ax.text(
                 xi, 0, f" {status}", rotation=90, ha="center", va="bottom", color="0.4", fontsize=8
             )
+    low = min(0.0, float(np.nanmin(summary[[f"{m}:mean" for m in metrics]].to_numpy(float)))
+              if summary[[f"{m}:mean" for m in metrics]].notna().any().any() else 0.0)
     # Headroom keeps the legend clear of the tallest bar.
-    ax.set_ylim(0, (top or 1.0) * 1.3)
+    ax.set_ylim(low * 1.3, (top or 1.0) * 1.3)
     ax.set_xticks(x, _row_labels(result), rotation=30, ha="right")
     ax.set_ylabel("%")
     ax.set_title(f"ours: {result.context.dataset} (mean ± std over seeds)")
@@ -119,11 +121,14 @@ def plot_table(result: TableResult, path: Path, paper: PaperNumbers) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with plt.rc_context(STYLE):
-        fig, (ours, quoted) = plt.subplots(
-            1, 2, figsize=(11, 4.2), width_ratios=[3, 2], layout="constrained"
-        )
+        if result.spec.paper_metrics:
+            fig, (ours, quoted) = plt.subplots(
+                1, 2, figsize=(11, 4.2), width_ratios=[3, 2], layout="constrained"
+            )
+            _draw_paper(quoted, result, paper)
+        else:  # a table of our diagnostics only: no quoted panel
+            fig, ours = plt.subplots(1, 1, figsize=(11, 4.2), layout="constrained")
         _draw_ours(ours, result)
-        _draw_paper(quoted, result, paper)
         fig.suptitle(
             f"{result.spec.title} (preset {result.context.preset or 'unknown'}, "
             f"{len(result.context.seeds)} seed(s))"
@@ -146,9 +151,10 @@ def plot_curves(
     curves: pd.DataFrame,
     path: Path,
     cells: Sequence[str] | None = None,
-    keys: Sequence[str] = LOSS_KEYS,
+    keys: Sequence[str] = CURVE_KEYS,
 ) -> Path | None:
-    """One subplot per loss, one line per cell (mean over seeds); None if there is no data."""
+    """One subplot per logged scalar (losses, then ITM by pair type), one line per cell (mean
+    over seeds); a key no run logged (e.g. masked pairs without SoftMask) shows "no data"."""
     if curves.empty:
         logger.warning("no training curves to plot for %s", path)
         return None
@@ -160,7 +166,7 @@ def plot_curves(
         c for c in present if c not in (cells or [])
     ]
     with plt.rc_context(STYLE):
-        ncols = 2
+        ncols = 2 if len(keys) <= 6 else 3
         nrows = int(np.ceil(len(keys) / ncols))
         fig, axes = plt.subplots(
             nrows, ncols, figsize=(10, 3.2 * nrows), squeeze=False, layout="constrained"
@@ -174,7 +180,8 @@ def plot_curves(
         fig.legend(
             handles, order, loc="outside lower center", ncol=min(len(order), 6), frameon=False
         )
-        fig.suptitle("Training losses (mean over seeds)")
+        fig.suptitle("Training losses and ITM by pair type (mean over seeds; acc = accuracy, "
+                     "shortcut = masked minus clean positive accuracy)")
         fig.savefig(path)
         plt.close(fig)
     return path
@@ -194,4 +201,4 @@ def _draw_loss(ax: plt.Axes, data: pd.DataFrame, key: str, order: Sequence[str])
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     ax.set_title(key)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("accuracy" if key.endswith(("_acc", "shortcut")) else "loss")

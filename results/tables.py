@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
 from results.collect import select_runs
 
@@ -25,6 +26,8 @@ SPECS_PATH = Path(__file__).with_name("table_specs.yaml")
 PAPER_PATH = Path(__file__).with_name("paper_numbers.yaml")
 DASH = "—"
 CHECK = "✓"
+SIG_MARK = "*"
+SIG_LEVEL = 0.05
 # Unicode used in display strings and its LaTeX form (applied after pandas' LaTeX escaping).
 _LATEX_SYMBOLS = {"±": r"$\pm$", DASH: "---", CHECK: r"\checkmark", "Δ": r"$\Delta$"}
 _LATEX_SPECIALS = {
@@ -63,6 +66,9 @@ class TableSpec:
     metrics: dict[str, list[str]] | None = None
     paper_metrics: tuple[str, ...] = ("TR@1", "IR@1")
     decimals: int = 2
+    # Bold marks the highest value per column: off for tables whose columns are diagnostics
+    # without a "better" direction (e.g. the ITM shortcut index).
+    bold: bool = True
 
     @property
     def cells(self) -> list[str]:
@@ -140,6 +146,7 @@ def load_specs(path: Path = SPECS_PATH) -> Specs:
             metrics=body.get("metrics", defaults.get("metrics")),
             paper_metrics=tuple(body.get("paper_metrics", defaults.get("paper_metrics", []))),
             decimals=int(body.get("decimals", defaults.get("decimals", 2))),
+            bold=bool(body.get("bold", True)),
         )
     return Specs(tables=tables, datasets=dict(raw.get("datasets", {})))
 
@@ -219,12 +226,37 @@ def _cell_row(frame: pd.DataFrame, cell: str, metrics: list[str]) -> dict[str, A
         "n_done": int(done["seed"].nunique()),
     }
     for metric in metrics:
-        values = done.loc[done["metric"] == metric, "value"].dropna().to_numpy(dtype=float)
+        values = _seed_values(done, metric)
         out[f"{metric}:mean"] = float(values.mean()) if len(values) else np.nan
         # Sample std (ddof=1) estimates the seed-to-seed spread; undefined for one seed.
         out[f"{metric}:std"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
         out[f"{metric}:n"] = len(values)
     return out
+
+
+def _seed_values(done: pd.DataFrame, metric: str) -> np.ndarray:
+    """One value per finished seed of one cell's rows."""
+    return done.loc[done["metric"] == metric, "value"].dropna().to_numpy(dtype=float)
+
+
+def welch_p(values: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sided Welch's t-test p-value of two seed samples; NaN below 2 seeds a side or when
+    both samples are constant (no spread to test against)."""
+    if len(values) < 2 or len(reference) < 2:
+        return float("nan")
+    if np.ptp(values) == 0 and np.ptp(reference) == 0:
+        return float("nan")
+    return float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
+
+
+def _significance(frame: pd.DataFrame, cell: str, reference: str, metric: str) -> float:
+    """Welch p-value of ``cell`` vs ``reference`` over their finished seeds (NaN for the
+    reference itself)."""
+    if cell == reference:
+        return float("nan")
+    done = frame[frame["status"] == "done"]
+    return welch_p(_seed_values(done[done["cell"] == cell], metric),
+                   _seed_values(done[done["cell"] == reference], metric))
 
 
 def summarise(
@@ -250,8 +282,10 @@ def summarise(
     for metric in metrics:
         # Difference of means; NaN whenever either side has no finished seed.
         table[f"{metric}:delta"] = table[f"{metric}:mean"] - ref[f"{metric}:mean"]
+        table[f"{metric}:p"] = [_significance(frame, cell, spec.reference, metric)
+                                for cell in table["cell"]]
     order = ["cell", "label", *spec.flags, "status", "n_expected", "n_done"]
-    order += [f"{m}:{s}" for m in metrics for s in ("mean", "std", "n", "delta")]
+    order += [f"{m}:{s}" for m in metrics for s in ("mean", "std", "n", "delta", "p")]
     return table[order + [f"paper:{m}" for m in spec.paper_metrics]]
 
 
@@ -262,6 +296,15 @@ def _fmt_stat(mean: float, std: float, n: int, dec: int) -> str:
     if n == 1 or np.isnan(std):
         return f"{mean:.{dec}f} (n={n})"
     return f"{mean:.{dec}f} ± {std:.{dec}f} (n={n})"
+
+
+def _fmt_delta(is_reference: bool, delta: float, p: float, dec: int) -> str:
+    """'+1.20', with SIG_MARK when Welch's p < SIG_LEVEL; 'ref' for the reference row."""
+    if is_reference:
+        return "ref"
+    if np.isnan(delta):
+        return DASH
+    return f"{delta:+.{dec}f}" + (SIG_MARK if not np.isnan(p) and p < SIG_LEVEL else "")
 
 
 def _best_mask(values: pd.Series, dec: int) -> pd.Series:
@@ -293,12 +336,14 @@ def display_frame(
                 )
             ]
         )
-        bold[header] = _best_mask(summary[f"{m}:mean"], dec)
+        if spec.bold:
+            bold[header] = _best_mask(summary[f"{m}:mean"], dec)
     for m in metrics:
         cols[f"Δ {m} vs {ref}"] = pd.Series(
             [
-                "ref" if cell == spec.reference else DASH if np.isnan(d) else f"{d:+.{dec}f}"
-                for cell, d in zip(summary["cell"], summary[f"{m}:delta"], strict=True)
+                _fmt_delta(cell == spec.reference, d, p, dec)
+                for cell, d, p in zip(summary["cell"], summary[f"{m}:delta"],
+                                      summary[f"{m}:p"], strict=True)
             ]
         )
     cols["status"] = summary["status"]
@@ -319,7 +364,10 @@ def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers) -> str
         f"{spec.title}. Ours: {ctx.dataset}{evaluated}, preset "
         f"{ctx.preset or 'unknown'}, {len(ctx.seeds)} seed(s) requested ({seeds}); "
         f"mean ± std over finished seeds with n, metrics in %, Δ vs "
-        f"{spec.row_label(spec.reference)}, best per column in bold. Paper columns are "
+        f"{spec.row_label(spec.reference)}{', best per column in bold' if spec.bold else ''}; "
+        f"{SIG_MARK} marks a Δ "
+        f"whose two-sided Welch's t-test over the seeds gives p < {SIG_LEVEL} (needs >= 2 "
+        f"finished seeds in both rows; an unmarked Δ is within seed noise). Paper columns are "
         f"quoted, not reproduced ({paper.source})."
     )
 

@@ -74,6 +74,8 @@ def _metrics(cell: str, seed: int) -> dict[str, float]:
         "TR@5": tr1 + 10.0,
         "itc/TR@1": tr1 - 1.0,
         "comp/colour": 60.0,
+        "loc/pointing": 30.0 + seed,
+        "itm/clean_acc": 70.0 + seed,
     }
 
 
@@ -289,15 +291,18 @@ def test_markdown_values_bold_delta_missing(tables: dict[str, Any]) -> None:
     albef = _md_row(md, "albef")
     assert "12.00 ± 2.00 (n=3)" in albef and "ref" in albef
     full = _md_row(md, "full")
-    assert "**22.00 ± 2.00 (n=3)**" in full and "+10.00" in full
+    # A 10-point gap over 3 seeds of spread 2 passes Welch's test: marked significant.
+    assert "**22.00 ± 2.00 (n=3)**" in full and "+10.00*" in full
     assert full.count("✓") == 3
     assert albef[4] == "12.00 ± 2.00 (n=3)"  # TR@1 column: not the best, so not bold
     assert "**51.00 ± 1.00 (n=3)**" in albef  # comp/mean ties across rows: all bold
-    assert "+5.00" in _md_row(md, "softmask_focal")
+    assert "+5.00*" in _md_row(md, "softmask_focal")
+    # comp/mean is 50, 51, 52 in every cell: a zero difference is never marked.
+    assert "+0.00" in full and "+0.00*" not in full
     mmda = _md_row(md, "mmda")
-    assert mmda.count("—") == 8 and "missing" in mmda  # 4 metrics + 4 deltas
+    assert mmda.count("—") == 10 and "missing" in mmda  # 5 metrics + 5 deltas
     focal = _md_row(md, "focal")
-    assert "running: s0; missing: s1,s2" in focal and focal.count("—") == 8
+    assert "running: s0; missing: s1,s2" in focal and focal.count("—") == 10
     masking = tables["masking"].markdown
     assert "Δ TR@1 vs SoftMask" in masking and "failed" in _md_row(masking, "randmask_p05")
 
@@ -341,7 +346,7 @@ def test_latex_structure(tables: dict[str, Any]) -> None:
         r"\textbf{22.00 $\pm$ 2.00 (n=3)}",
         "---",
         r"softmask\_focal",
-        r"r\_mean",
+        r"clean\_acc",
         r"$\Delta$ TR@1",
         r"in \%",
     ):
@@ -455,4 +460,35 @@ def test_paper_yaml_matches_specs() -> None:
     paper = yaml.safe_load(PAPER_PATH.read_text())
     specs = load_specs()
     for name, spec in specs.tables.items():
+        if not spec.paper_metrics:  # a table of our own diagnostics quotes nothing
+            assert name not in paper["tables"]
+            continue
         assert list(paper["tables"][name]) == spec.cells
+
+
+def test_welch_significance_marks_clear_differences_not_noise() -> None:
+    from results.tables import welch_p
+
+    reference = np.array([10.0, 12.0, 14.0])
+    assert welch_p(np.array([20.0, 22.0, 24.0]), reference) < 0.01
+    # Seed noise: overlapping samples whose means differ by less than their spread.
+    assert welch_p(np.array([11.0, 13.5, 12.5]), reference) > 0.5
+    assert np.isnan(welch_p(np.array([20.0]), reference))   # one seed: no test
+    assert np.isnan(welch_p(np.array([5.0, 5.0]), np.array([5.0, 5.0])))  # no spread at all
+    # Independent recomputation of Welch's t statistic and its two-sided p-value.
+    from scipy import stats
+
+    a, b = np.array([1.0, 2.0, 4.0]), np.array([3.0, 5.0, 9.0, 6.0])
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    assert welch_p(a, b) == pytest.approx(2 * stats.t.sf(abs(t), dof), rel=1e-9)
+
+
+def test_significance_needs_two_seeds_on_both_sides(tables: dict[str, Any]) -> None:
+    # softmask has 2 finished seeds (14, 16) vs albef's 3 (10, 12, 14): tested, not significant.
+    softmask = _row(tables["component_ablation"], "softmask")
+    assert 0.05 < softmask["TR@1:p"] < 1.0
+    assert np.isnan(_row(tables["component_ablation"], "albef")["TR@1:p"])
+    caption = tables["component_ablation"].markdown.splitlines()[0]
+    assert "Welch's t-test" in caption and "p < 0.05" in caption
