@@ -33,6 +33,17 @@ log = logging.getLogger("run_grid")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of seeds or jobs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python ablations/run_grid.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,12 +52,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where jobs run; never auto-detected (default: local)")
     p.add_argument("--preset", choices=("tiny", "base"), default="tiny")
     p.add_argument("--only", nargs="+", default=[], metavar="CELL", help="run only these cells")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--seeds", type=_positive_int, default=None,
                    help="number of seeds (0..N-1); default: 1 for tiny (the 20-minute budget), "
                    "the matrix's for base")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every cell (repeatable)")
-    p.add_argument("--max-parallel", type=int, default=None,
+    p.add_argument("--max-parallel", type=_positive_int, default=None,
                    help="jobs running at once (local default 2; SLURM array parallelism)")
     p.add_argument("--tier", default=None, help="resource tier for every cell (default: the "
                    "matrix's; 'cpu' for the tiny preset)")

@@ -432,3 +432,32 @@ def test_yaml_1_1_boolean_words_stay_strings(tmp_path) -> None:
     path.write_text("mode: off\nother: yes\nflag: true\n")
     assert load_yaml_file(path) == {"mode": "off", "other": "yes", "flag": True}
     assert parse_dotlist(["a=on", "b=False"]) == {"a": "on", "b": False}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.log_every", 0, ">= 1 step"),
+    ("train.checkpoint_every", 0, ">= 1 step"),
+    ("train.warmup_every", 0, ">= 1 step"),
+    ("model.vision.patch_size", 0, ">= 1"),
+    ("eval.batch_size", 0, ">= 1"),
+    ("train.lr", ".inf", "finite"),
+])
+def test_counts_that_divide_and_infinite_rates_are_rejected_before_anything_runs(
+        key: str, value: object, expected: str) -> None:
+    from model.config.experiment import load_experiment
+
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(preset="tiny", sets=[f"{key}={value}"])
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1", "x"])
+def test_run_grid_rejects_a_seed_count_below_one(seeds: str, capsys) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ablations"))
+    from run_grid import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", seeds])
+    assert "expected an integer >= 1" in capsys.readouterr().err

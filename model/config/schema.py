@@ -41,6 +41,8 @@ class VisionConfig:
     init: str | None = None
 
     def __post_init__(self) -> None:
+        _check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
+        _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
         _check(self.image_size % self.patch_size == 0, "image_size",
                f"must be a multiple of patch_size={self.patch_size}, got {self.image_size}")
         _check(self.width % self.heads == 0, "width",
@@ -294,6 +296,14 @@ class TrainConfig:
                    f"must be > 0 minutes, got {self.dist_timeout_min}")
         _check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        # Step counts that divide (a zero would fail mid-run with ZeroDivisionError).
+        for name in ("log_every", "checkpoint_every", "warmup_every"):
+            value = getattr(self, name)
+            _check(value >= 1, name, f"must be >= 1 step, got {value}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.lr < float("inf") and self.min_lr >= 0 and self.warmup_lr >= 0, "lr",
+               f"lr must be finite and min_lr / warmup_lr >= 0, got lr={self.lr}, "
+               f"min_lr={self.min_lr}, warmup_lr={self.warmup_lr}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.max_steps is not None:
@@ -313,6 +323,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.k_test >= 1, "k_test", f"must be >= 1, got {self.k_test}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.image_size is not None:
+            _check(self.image_size >= 1, "image_size", f"must be >= 1, got {self.image_size}")
 
 
 @dataclass(frozen=True)
