@@ -380,13 +380,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _local_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[str]
-                 ) -> dict[str, SchedulerView]:
+def _local_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[str],
+                 grid_dir: Path) -> dict[str, SchedulerView]:
     """Views of local-executor jobs (their job id is a process id) submitted from this host.
 
     A local job dies with the grid process that started it (e.g. Ctrl-C): without this, its
-    run directory, which has no terminal marker, would read as running forever. Records from
-    another host, or without one (older grids), are left unknown.
+    run directory, which has no terminal marker, would read as running forever. A job whose
+    process is gone after its run wrote DONE exited normally (COMPLETED), not cancelled.
+    Records from another host, or without one (older grids), are left unknown.
     """
     host, views = socket.gethostname(), {}
     for run_id in run_ids:
@@ -394,9 +395,13 @@ def _local_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[str]
         job_id = str(rec.get("job_id", ""))
         if rec.get("cluster") != "local" or rec.get("host") != host or not job_id.isdigit():
             continue
-        alive = _pid_alive(int(job_id))
-        views[job_id] = SchedulerView("RUNNING" if alive else "CANCELLED (local process gone)",
-                                      "", None, 1, False)
+        if _pid_alive(int(job_id)):
+            state = "RUNNING"
+        elif (grid_dir / run_id / DONE).exists():
+            state = "COMPLETED (local process exited)"
+        else:
+            state = "CANCELLED (local process gone)"
+        views[job_id] = SchedulerView(state, "", None, 1, False)
     return views
 
 
@@ -428,7 +433,7 @@ def grid_status(grid_dir: Path, query_scheduler: bool = True,
     subs = read_submissions(grid_dir)
     planned = _planned(grid_dir, specs, subs)
     run_ids = [r for _, _, r in planned]
-    views = {**_local_views(subs, run_ids),
+    views = {**_local_views(subs, run_ids, grid_dir),
              **(_scheduler_views(subs, run_ids) if query_scheduler else {})}
     rows = []
     for cell, seed, run_id in planned:

@@ -161,6 +161,24 @@ def test_local_job_whose_process_is_gone_is_cancelled_not_running(tmp_path: Path
     assert "scheduler state unknown" not in rows["mmda__s2__cccc"]["detail"]
 
 
+def test_finished_local_job_reads_completed_not_cancelled(tmp_path: Path) -> None:
+    """A local job exits once its run wrote DONE: the row must not say the job was cancelled."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    grid = tmp_path / GRID
+    run_id = "albef__s0__dddd"
+    _finished(grid / run_id)
+    _write_jsonl(grid / "submissions.jsonl", [{**_submit_record(run_id, str(gone.pid)),
+                                               "host": socket.gethostname()}])
+    row = _by_run(grid_status(grid, query_scheduler=False))[run_id]
+    assert row["state"] == "finished"
+    assert "COMPLETED" in row["scheduler"] and "CANCELLED" not in row["scheduler"]
+
+
 def test_cli_prints_the_table_and_failed_tails(planted: Path, capsys) -> None:
     assert main([str(planted), "--no-scheduler"]) == 0
     out = capsys.readouterr().out
