@@ -20,6 +20,11 @@ def negative_weights(sim_batch: Tensor, idx: Tensor | None = None,
     """
     logits = sim_batch.float() if hardness == 1.0 else sim_batch.float() * hardness
     weights = F.softmax(logits, dim=1)
+    # A diverged step (non-finite similarities) must not crash the sampler before the
+    # divergence guard reports it: such rows fall back to uniform weights. Finite rows are
+    # unchanged (the selection is exact), and nothing is read back to the host.
+    finite = torch.isfinite(weights).all(dim=1, keepdim=True)
+    weights = torch.where(finite, weights, torch.ones_like(weights))
     if idx is None:
         weights.fill_diagonal_(0.0)
     else:

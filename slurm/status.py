@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATES = ("finished", "running", "pending", "requeued", "failed", "cancelled", "missing")
+STATES = ("finished", "running", "pending", "requeued", "failed", "diverged", "cancelled",
+          "missing")
 COLUMNS = ["cell", "seed", "run_id", "state", "job_id", "scheduler", "last_step", "last_loss",
            "elapsed_s", "detail", "tail"]
 SUBMISSIONS = "submissions.jsonl"
@@ -299,7 +300,8 @@ def classify(disk: DiskView, sched: SchedulerView | None) -> tuple[str, str]:
     """(state, reason) from the run directory and the scheduler (None: not known)."""
     cat = sched.category if sched is not None else None
     if disk.kind == "failed":
-        return "failed", disk.detail
+        # The divergence guard's error (model/engine/guard.py) is its own state.
+        return ("diverged" if disk.detail.startswith("Diverged:") else "failed"), disk.detail
     if disk.kind == "bad-done":
         return "failed", disk.detail
     if disk.kind == "done":
@@ -416,7 +418,8 @@ def _row(grid_dir: Path, cell: str, seed: int | None, run_id: str, job_id: str |
         "scheduler": sched.describe() if sched is not None else "",
         "last_step": disk.last_step, "last_loss": disk.last_loss, "elapsed_s": elapsed,
         "detail": detail,
-        "tail": failure_tail(grid_dir, grid_dir / run_id, job_id) if state == "failed" else "",
+        "tail": (failure_tail(grid_dir, grid_dir / run_id, job_id)
+                 if state in ("failed", "diverged") else ""),
     }
 
 
@@ -465,8 +468,8 @@ def format_status(df: pd.DataFrame) -> str:
     counts = df["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)
     lines = [table.to_markdown(index=False), "", f"{len(df)} run(s): {summary}"]
-    for row in df[df["state"] == "failed"].itertuples():
-        lines += ["", f"## failed: {row.run_id} (job {row.job_id or '-'})", "```",
+    for row in df[df["state"].isin(["failed", "diverged"])].itertuples():
+        lines += ["", f"## {row.state}: {row.run_id} (job {row.job_id or '-'})", "```",
                   str(row.tail), "```"]
     return "\n".join(lines)
 

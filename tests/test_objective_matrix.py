@@ -61,7 +61,8 @@ def test_cell_trains_three_steps(cell: str) -> None:
                       for k in ("loss", "acc")}
         if masked:
             itm_groups |= {"itm/masked_loss", "itm/masked_acc", "itm/shortcut"}
-        assert set(out.stats) == ({"temp", "mask_mean"} if masked else {"temp"}) | itm_groups
+        assert set(out.stats) == (({"temp", "mask_mean"} if masked else {"temp"}) | itm_groups
+                                  | {"grad_norm"})
         for key, value in {**out.losses, "total": out.loss}.items():
             assert value.ndim == 0 and torch.isfinite(value), (cell, step, key, value)
         if masked:

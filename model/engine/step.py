@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from model.engine.guard import total_grad_norm
 from model.objective import StepOutput
 
 
@@ -44,11 +45,14 @@ def train_step(
     with autocast_context(device, precision):
         out: StepOutput = objective(batch, alpha, enqueue, hardness)
     out.loss.backward()
+    # The gradient norm (a device tensor: no sync) feeds the divergence guard and the logs;
+    # it only reads the gradients (ALBEF does not clip).
+    grad_norm = total_grad_norm(list(_params(objective)))
     optimizer.step()
     return StepOutput(
         loss=out.loss.detach(),
         losses={k: v.detach() for k, v in out.losses.items()},
-        stats={k: v.detach() for k, v in out.stats.items()},
+        stats={**{k: v.detach() for k, v in out.stats.items()}, "grad_norm": grad_norm.detach()},
     )
 
 

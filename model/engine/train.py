@@ -18,7 +18,7 @@ from model.build import build_objective
 from model.config.experiment import experiment_hash, recipe_hash
 from model.config.loader import dump_yaml, to_dict
 from model.config.schema import ExperimentConfig, check_world_size
-from model.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from model.engine.checkpoint import TrainState, checkpoint_path, load_checkpoint, save_checkpoint
 from model.engine.data import (
     DataSources,
     TrainData,
@@ -28,6 +28,7 @@ from model.engine.data import (
     special_ids,
 )
 from model.engine.distributed import DistInfo, init_distributed
+from model.engine.guard import DivergenceGuard
 from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
 from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
 from model.engine.step import move_batch, train_step
@@ -61,6 +62,8 @@ class Trainer:
     state: TrainState
     config_hash: str
     resumed_from: int | None
+    guard: DivergenceGuard | None = None  # built at the first step (it needs the loss names)
+    saved_step: int | None = None  # global step of the checkpoint on disk, if any
 
     @property
     def total_steps(self) -> int:
@@ -107,7 +110,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
             objective, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda"
             else None, broadcast_buffers=False)
     return Trainer(cfg, run_dir, dist_info, sources, data, objective, model, optimizer,
-                   state or TrainState(), chash, resumed_from)
+                   state or TrainState(), chash, resumed_from, saved_step=resumed_from)
 
 
 def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
@@ -147,10 +150,27 @@ def _log_step(tr: Trainer, out: StepOutput, lr: float, alpha: float, t0: float,
     return record
 
 
+def _check_guard(tr: Trainer) -> None:
+    """Raise ``Diverged`` if a step so far was non-finite (one host sync)."""
+    if tr.guard is not None:
+        tr.guard.check(checkpoint_path(tr.run_dir) if tr.saved_step is not None else None,
+                       tr.saved_step)
+
+
 def _save(tr: Trainer) -> None:
+    _check_guard(tr)  # never overwrite the last good checkpoint with a poisoned state
     if tr.dist.is_main:
         save_checkpoint(tr.run_dir, tr.objective, tr.optimizer, tr.state, to_dict(tr.cfg),
                         tr.config_hash)
+    tr.saved_step = tr.state.global_step
+
+
+def _watch(tr: Trainer, out: StepOutput, lr: float) -> None:
+    """Fold this step's losses and gradient norm into the divergence guard (no sync)."""
+    values = {**out.losses, "total": out.loss, "grad_norm": out.stats["grad_norm"]}
+    if tr.guard is None:
+        tr.guard = DivergenceGuard(list(values), tr.dist.device)
+    tr.guard.update(tr.state.global_step, values, lr)
 
 
 def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
@@ -172,9 +192,11 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
                          hardness=hardness_at(cfg.loss.itm_neg_ramp, st.global_step,
                                               cfg.loss.itm_neg_hardness))
         st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
+        _watch(tr, out, lr)
         bar.update(1)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == stop_at or \
                 not summary.first_losses:
+            _check_guard(tr)  # a diverged step is reported, never logged as numbers
             rec = _log_step(tr, out, lr, alpha, t0, wait, window)
             summary.first_losses = summary.first_losses or rec
             summary.last_losses, wait, window = rec, 0.0, 0
