@@ -42,10 +42,10 @@ from model.albef import ALBEF  # noqa: E402
 from model.config.experiment import load_experiment  # noqa: E402
 from model.data.transforms import build_transform  # noqa: E402
 from model.engine.compositional import (  # noqa: E402
-    _captions,
-    _kinds,
-    _load_images,
+    caption_groups,
+    load_images,
     load_negative_items,
+    negative_kinds,
 )
 from model.engine.data import build_tokenizer  # noqa: E402
 from model.engine.optim import alpha_at, hardness_at, lr_at, set_lr  # noqa: E402
@@ -88,11 +88,11 @@ class Probe:
 
     def __init__(self, tr: Trainer, size: int) -> None:
         items = load_negative_items(tr.sources.negatives_file)[:size]
-        self.kinds = _kinds(items)
+        self.kinds = negative_kinds(items)
         image_size = tr.cfg.eval.image_size or tr.cfg.model.vision.image_size
-        self.images = _load_images(items, tr.sources.image_root,
+        self.images = load_images(items, tr.sources.image_root,
                                    build_transform("test", image_size)).to(tr.dist.device)
-        texts, self.present = _captions(items, self.kinds)
+        texts, self.present = caption_groups(items, self.kinds)
         tok = build_tokenizer(tr.sources)(texts, max_length=EVAL_MAX_LENGTH, padding="longest")
         self.ids = tok["input_ids"].to(tr.dist.device)
         self.mask = tok["attention_mask"].to(tr.dist.device)

@@ -32,10 +32,10 @@ class TextOutput:
 
 
 class ALBEF(nn.Module):
-    """ViT + split BERT + heads (albef-spec §1). Modules are injected by ``model.build``.
+    """ViT + split BERT + heads (docs/ALBEF.md §1). Modules are injected by ``model.build``.
 
-    The three heads keep PyTorch's default Linear init, as in ALBEF (pitfall 24). ``temp`` is the
-    raw temperature (logits = similarity / temp), initialised to 0.07 (§1.3).
+    The three heads keep PyTorch's default Linear init, as in ALBEF (docs/ALBEF.md C24). ``temp``
+    is the raw temperature (logits = similarity / temp), initialised to 0.07 (§1.3).
     """
 
     def __init__(
@@ -68,7 +68,8 @@ class ALBEF(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextOutput:
         """input_ids, attention_mask: (B, L) -> text-layer states and the projected CLS feature.
 
-        The ITC text feature is the CLS of the *text-mode* output, not the fused one (pitfall 7).
+        The ITC text feature is the CLS of the *text-mode* output, not the fused one
+        (docs/ALBEF.md C7).
         """
         states = self.text_encoder(input_ids, attention_mask)
         return TextOutput(states, F.normalize(self.text_proj(states[:, 0]), dim=-1))

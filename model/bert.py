@@ -1,4 +1,4 @@
-"""BERT text encoder and cross-attention fusion encoder (ALBEF's split BERT, albef-spec §1.2).
+"""BERT text encoder and cross-attention fusion encoder (ALBEF's split BERT, docs/ALBEF.md §1.2).
 
 ALBEF cuts a 12-layer BERT at ``fusion_layer``: layers ``[0, k)`` encode text alone, layers
 ``[k, n)`` add a cross-attention sub-block over the image tokens. Stock ``transformers`` BERT cannot
@@ -26,7 +26,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-# ALBEF's xbert builds the self-attention mask as (1 - m) * -10000 (pitfall 23).
+# ALBEF's xbert builds the self-attention mask as (1 - m) * -10000 (docs/ALBEF.md C23).
 MASK_FILL = -10000.0
 
 
@@ -88,7 +88,7 @@ class AttentionCore(nn.Module):
         """x: (B, Lq, D); kv: (B, Lk, Dkv); mask: additive (B, 1, 1, Lk) or None.
 
         Returns the context (B, Lq, D) and, if ``need_probs``, the attention probabilities
-        (B, H, Lq, Lk) after softmax and before dropout (what Grad-CAM explains, pitfall 23).
+        (B, H, Lq, Lk) after softmax and before dropout (what Grad-CAM explains, docs/ALBEF.md C23).
         """
         q, k, v = self._split(self.query(x)), self._split(self.key(kv)), self._split(self.value(kv))
         p = self.dropout_p if self.training else 0.0
@@ -226,7 +226,8 @@ class MLMHead(nn.Module):
     """BERT's MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings.
 
     The decoder weight is not stored here: it is passed in at call time (the word-embedding
-    matrix), which is how ALBEF's tie (pitfall 22) survives the momentum copy and EMA unchanged.
+    matrix), which is how ALBEF's tie (docs/ALBEF.md C22) survives the momentum copy and EMA
+    unchanged.
     """
 
     def __init__(self, config: BertConfig) -> None:

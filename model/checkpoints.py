@@ -1,8 +1,8 @@
 """Official ALBEF checkpoints <-> this project's naming, and loud state-dict loading.
 
-Key mapping (albef-spec §8). ``S`` = ``student.``, ``T`` = ``teacher.``, ``k`` = ``text_layers``
+Key mapping (docs/ALBEF.md §8). ``S`` = ``student.``, ``T`` = ``teacher.``, ``k`` = ``text_layers``
 (ALBEF's ``fusion_layer``), ``B`` = ``bert.`` in the pre-training format and empty in the
-retrieval format (ALBEF's Retrieval.py deletes that infix, pitfall 21):
+retrieval format (ALBEF's Retrieval.py deletes that infix, docs/ALBEF.md C21):
 
 ======================================================  ===========================================
 official ALBEF                                          ours
@@ -74,18 +74,18 @@ REASON_POSITION_IDS = (
     "non-persistent and rebuilt as 0..P-1 (checked to be 0..P-1)"
 )
 REASON_TIED_DECODER_WEIGHT = (
-    "MLM decoder weight is the word-embedding matrix (tied, pitfall 22); checked equal to it"
+    "MLM decoder weight is the word-embedding matrix (tied, docs/ALBEF.md C22); checked equal to it"
 )
 REASON_TIED_DECODER_BIAS = (
-    "MLM decoder bias is cls.predictions.bias (tied, pitfall 22); checked equal to it"
+    "MLM decoder bias is cls.predictions.bias (tied, docs/ALBEF.md C22); checked equal to it"
 )
 REASON_NO_MLM_HEAD = (
     "model built without an MLM head (retrieval): ALBEF's Retrieval.py drops "
-    "text_encoder.cls.* the same way (albef-spec §5)"
+    "text_encoder.cls.* the same way (docs/ALBEF.md §5)"
 )
 REASON_NO_IDX_QUEUE = (
     "pre-training checkpoints have no idx_queue; it stays -100 as in ALBEF's retrieval "
-    "fine-tuning (albef-spec §1.5, pitfall 20)"
+    "fine-tuning (docs/ALBEF.md §1.5, docs/ALBEF.md C20)"
 )
 REASON_NO_TWIN = (
     "target is a bare ALBEF (evaluation): it has no momentum twin and no feature queues"
@@ -571,7 +571,7 @@ def copy_student_to_teacher(objective: Objective, modules: Sequence[str] | None 
 
 def _interpolate_pos_embeds(state: dict[str, Tensor], model_state: Mapping[str, Tensor],
                             report: LoadReport) -> None:
-    """Resize every ViT ``pos_embed`` whose grid differs from the model's (albef-spec §1.7)."""
+    """Resize every ViT ``pos_embed`` whose grid differs from the model's (docs/ALBEF.md §1.7)."""
     for key in [k for k in state if k.endswith("pos_embed") and k in model_state]:
         src, dst = state[key], model_state[key]
         if src.shape == dst.shape or src.dim() != 3 or src.shape[-1] != dst.shape[-1]:
@@ -717,7 +717,7 @@ def load_albef_checkpoint(
     Accepts ``{'model': state, 'optimizer': ..., 'config': ..., 'epoch': ...}`` files (only
     'model' is read), bare state dicts, or in-memory dicts. Both ViT ``pos_embed`` are resized to
     the model's grid (e.g. 256 -> 384 px). Queues are loaded when present (ALBEF fine-tuning
-    inherits them, pitfall 20); ``idx_queue`` stays -100 for pre-training files.
+    inherits them, docs/ALBEF.md C20); ``idx_queue`` stays -100 for pre-training files.
     ``allow_missing`` / ``allow_unexpected``: fnmatch patterns over our key names.
     """
     state, source = read_state(path_or_state, trust_pickle=trust_pickle)

@@ -21,7 +21,7 @@ def soft_cross_entropy(
     """Mean over rows of  -sum_j q_j (1 - p_j)^gamma log p_j,  p = softmax(logits).
 
     logits, targets: (B, C). gamma = 0 skips the modulating factor entirely, so the value is
-    bit-identical to ALBEF's ITC term (method-spec §2: focal ITC with gamma = 0 is ALBEF).
+    bit-identical to ALBEF's ITC term (docs/METHOD.md §2: focal ITC with gamma = 0 is ALBEF).
     """
     log_p = F.log_softmax(logits, dim=1)
     weighted = targets * log_p
@@ -51,8 +51,8 @@ def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | 
              ) -> Tensor:
     """Unweighted mean CE over the rows [B positives; 2B negatives; (B extra positives)].
 
-    ALBEF's layout is positives (label 1) then negatives (label 0), pitfall 9; SoftMask appends
-    its soft-masked pairs as further positives (method-spec §1).
+    ALBEF's layout is positives (label 1) then negatives (label 0), docs/ALBEF.md C9; SoftMask
+    appends its soft-masked pairs as further positives (docs/METHOD.md §1).
     """
     parts = [pos_logits, neg_logits] + ([extra_pos_logits] if extra_pos_logits is not None else [])
     # Labels are made on the logits' device: no host-to-device copy inside the step.

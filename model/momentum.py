@@ -1,4 +1,4 @@
-"""Momentum (EMA) twin and the feature queues (albef-spec §1.4, §1.5), written once."""
+"""Momentum (EMA) twin and the feature queues (docs/ALBEF.md §1.4, §1.5), written once."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def concat_all_gather(x: Tensor) -> Tensor:
 class FeatureQueue(nn.Module):
     """Ring buffers of momentum features (d, K) plus image ids for retrieval fine-tuning.
 
-    Initialised with random unit columns (they act as negatives until overwritten, pitfall 10);
+    Initialised with random unit columns (they act as negatives until overwritten,
+    docs/ALBEF.md C10);
     ``idx_queue`` starts at -100 (never equal to a real image id).
     """
 

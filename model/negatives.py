@@ -1,4 +1,4 @@
-"""ALBEF's in-batch hard-negative sampling for ITM (albef-spec §2.2, pitfall 8)."""
+"""ALBEF's in-batch hard-negative sampling for ITM (docs/ALBEF.md §2.2, docs/ALBEF.md C8)."""
 
 from __future__ import annotations
 

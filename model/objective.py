@@ -2,13 +2,13 @@
 
 ``Objective.forward(batch, alpha)`` is what training, the benchmarks and the tests call (and what
 DDP wraps). With every switch at its identity value (softmask off, focal_gamma 0, MMDA off) the
-code path is ALBEF's forward (albef-spec §2) step for step:
+code path is ALBEF's forward (docs/ALBEF.md §2) step for step:
 
 1. clamp temp; 2. online image/text features; 3. EMA update, momentum features (clean text,
 standard view); 4. ITC with momentum distillation against batch + queue keys; 5. enqueue;
 6. ITM on positives + in-batch hard negatives; 7. MLM with momentum distillation.
 
-Method switches (method-spec §1-3):
+Method switches (docs/METHOD.md §1-3):
 * focal ITC: (1 - p)^gamma on the distilled ITC terms (``loss.focal_gamma``);
 * MMDA: student sees the strong view and masked text; one fusion pass feeds ITM and MLM;
 * SoftMask / RandMask: the positive pass's Grad-CAM (or a random hard mask) masks the patch
@@ -159,7 +159,7 @@ class Objective(nn.Module):
             hard = torch.zeros_like(sim)
             hard.fill_diagonal_(1.0)
             return hard
-        # retrieval: every batch/queue entry of the same image is a positive (pitfall 20)
+        # retrieval: every batch/queue entry of the same image is a positive (docs/ALBEF.md C20)
         idx_all = torch.cat([idx.view(1, -1), self.queue.idx_queue.clone()], dim=1)
         pos = (idx.view(-1, 1) == idx_all).float()
         return pos / pos.sum(dim=1, keepdim=True)
@@ -243,7 +243,7 @@ class Objective(nn.Module):
         ``enqueue``: push this step's momentum features into the queues (ALBEF: always);
         ``hardness``: ITM negative sampling sharpness (1 = ALBEF, 0 = random negatives)."""
         s = self.settings
-        if not s.retrieval:  # ALBEF clamps temp in pre-training only (pitfall 13)
+        if not s.retrieval:  # ALBEF clamps temp in pre-training only (docs/ALBEF.md C13)
             with torch.no_grad():
                 self.student.temp.clamp_(0.001, 0.5)
         inp = self._prepare(batch)

@@ -1,5 +1,5 @@
 """Initial weights for pre-training: BERT-base for the text/fusion encoder and the MLM head,
-DeiT-B/16 (or any timm ViT) for the image encoder (albef-spec §1.1, §1.2).
+DeiT-B/16 (or any timm ViT) for the image encoder (docs/ALBEF.md §1.1, §1.2).
 
 Both loaders are loud (``model.checkpoints.LoadReport``): a key that the model expects and the
 checkpoint lacks is an error, except the few listed below with their reason. Keys in the reports
@@ -43,11 +43,11 @@ VIT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 REASON_CROSSATTN = (
     "cross-attention does not exist in BERT; it keeps BERT's init N(0, 0.02), as in ALBEF "
-    "(albef-spec §1.2)"
+    "(docs/ALBEF.md §1.2)"
 )
-REASON_POOLER = "BERT pooler: ALBEF builds its BERT without a pooling layer (albef-spec §1.2)"
+REASON_POOLER = "BERT pooler: ALBEF builds its BERT without a pooling layer (docs/ALBEF.md §1.2)"
 REASON_NSP = "BERT next-sentence-prediction head: not part of ALBEF"
-REASON_VIT_HEAD = "ImageNet classifier head: ALBEF's ViT has no head (albef-spec §1.1)"
+REASON_VIT_HEAD = "ImageNet classifier head: ALBEF's ViT has no head (docs/ALBEF.md §1.1)"
 REASON_DIST_TOKEN = (
     "DeiT distillation token: ALBEF's ViT has only the class token; the token and its "
     "position-embedding entry are dropped"

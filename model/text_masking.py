@@ -1,4 +1,4 @@
-"""ALBEF's MLM token corruption (albef-spec §2.3, pitfalls 2 and 26)."""
+"""ALBEF's MLM token corruption (docs/ALBEF.md §2.3, docs/ALBEF.md C2 and C26)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ViT image encoder (timm) and ALBEF's position-embedding interpolation (albef-spec §1.1, §1.7)."""
+"""ViT image encoder (timm) and ALBEF's position-embedding interpolation
+(docs/ALBEF.md §1.1, §1.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ALBEF objective end to end on a tiny model (albef-spec §1.3-§2, pitfalls 4-13).
+"""The ALBEF objective end to end on a tiny model (docs/ALBEF.md §1.3-§2, docs/ALBEF.md C4-C13).
 
 References are recomputed from the modules' parts (ViT ``forward_features``, projections,
 ``F.normalize``, ``F.cross_entropy`` with an index) rather than through the objective's helpers.
@@ -177,13 +177,13 @@ def test_mlm_loss_matches_manual_computation(alpha: float) -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     # the step generator's first draws are the MLM corruption (seed 0)
     masked, labels = mask_tokens(ids, SPECIAL, 0.15, torch.Generator().manual_seed(0))
-    # student text encoder: clean text for ITC, then the corrupted copy for MLM (pitfall 5)
+    # student text encoder: clean text for ITC, then the corrupted copy for MLM (docs/ALBEF.md C5)
     assert len(text_inputs) == 2
     assert torch.equal(text_inputs[0], ids) and torch.equal(text_inputs[1], masked)
     n_masked = int((labels != IGNORE).sum())
     assert n_masked > 0
     # the teacher's MLM pass: momentum text states of the corrupted text, momentum image
-    # tokens (pitfall 4), not the student's
+    # tokens (docs/ALBEF.md C4), not the student's
     with torch.no_grad():
         assert len(teacher_fusion) == 1
         t_states, t_mask, t_image = teacher_fusion[0]
@@ -201,7 +201,7 @@ def test_mlm_loss_matches_manual_computation(alpha: float) -> None:
         vocab = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE)
         ref = ce
-        if alpha > 0:  # teacher: momentum text encoder + momentum image tokens (pitfall 4)
+        if alpha > 0:  # teacher: momentum text encoder + momentum image tokens (docs/ALBEF.md C4)
             t_tokens, _ = _image_feat(obj.teacher, batch["image"])
             t_hidden = obj.teacher.fusion_encoder(obj.teacher.text_encoder(masked, mask), mask,
                                                   t_tokens).hidden
@@ -257,7 +257,7 @@ def test_ema_runs_once_at_the_start_of_every_forward() -> None:
 def test_momentum_twin_structure_frozen_and_gradient_free() -> None:
     obj, batch = _prepared()
     assert obj.teacher.itm_head is None and obj.teacher.temp is None  # no momentum copies
-    assert obj.teacher.mlm_head is not None  # the MLM head has one (pitfall 11)
+    assert obj.teacher.mlm_head is not None  # the MLM head has one (docs/ALBEF.md C11)
     student_names = {n for n, _ in obj.student.named_parameters()}
     teacher_names = {n for n, _ in obj.teacher.named_parameters()}
     assert teacher_names == student_names - {"temp", "itm_head.weight", "itm_head.bias"}
@@ -349,7 +349,8 @@ def test_enqueued_columns_are_the_momentum_features() -> None:
 
 
 def test_retrieval_itc_targets_are_multi_positive_over_batch_and_queue() -> None:
-    """Retrieval ITC (pitfall 20): positives = every batch or queue column of the same image."""
+    """Retrieval ITC (docs/ALBEF.md C20): positives = every batch or queue column of the same
+    image."""
     obj, _ = _prepared("train.mode=retrieval")
     g = torch.Generator().manual_seed(5)
     first = [4, 9, 4, 1, 2, 3, 5, 6]

@@ -73,7 +73,7 @@ def retrieval_source() -> Objective:
 
 # ------------------------------------------------------------------ key mapping
 def test_pretrain_format_has_the_official_structure(pretrain_source: Objective) -> None:
-    """Counts per top-level prefix follow albef-spec §8 (at tiny size)."""
+    """Counts per top-level prefix follow docs/ALBEF.md §8 (at tiny size)."""
     state = official_state(pretrain_source, "pretrain")
     vit = pretrain_source.student.visual_encoder
     k, f = 2, 3  # tiny preset: text_layers, fusion_layers
@@ -194,7 +194,7 @@ def test_official_retrieval_file_loads_exactly(retrieval_source: Objective) -> N
 
 def test_pretrain_file_into_retrieval_model(pretrain_source: Objective) -> None:
     """ALBEF's fine-tuning start: MLM head dropped, pos_embed 16 -> 36 patches for both ViTs,
-    queues inherited, idx_queue stays -100 (pitfalls 20, 21)."""
+    queues inherited, idx_queue stays -100 (docs/ALBEF.md C20, C21)."""
     target = make_objective(9, (*RETRIEVAL_SETS, "model.vision.image_size=48"))
     report = load_albef_checkpoint(target, {"model": official_state(pretrain_source, "pretrain")})
     assert report.ok

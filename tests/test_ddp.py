@@ -7,7 +7,7 @@ After every step:
 
 * the feature queues and their pointer are identical on both ranks;
 * the columns written by the step hold the all-gathered momentum features, rank 0's batch
-  first, then rank 1's (albef-spec §1.5);
+  first, then rank 1's (docs/ALBEF.md §1.5);
 * student and momentum parameters are identical across ranks.
 
 A second phase runs SoftMask's Grad-CAM (``torch.autograd.grad`` inside the forward) under DDP.

@@ -1,4 +1,5 @@
-"""Engine: optimiser groups, LR schedule, alpha ramp, determinism and exact resume (albef-spec §3).
+"""Engine: optimiser groups, LR schedule, alpha ramp, determinism and exact resume
+(docs/ALBEF.md §3).
 
 The schedule is checked against an independent simulation of ALBEF's driver loop around timm's
 cosine scheduler; resume is checked by comparing an interrupted run with an uninterrupted one.
@@ -37,7 +38,7 @@ def test_param_groups_follow_albef_rule() -> None:
     assert len(listed) == len(set(listed))
     assert set(listed) == {id(p) for p in obj.student.parameters()}
     assert not any(n.startswith("teacher.") for n in no_decay | decay)
-    # decayed although not plain weight matrices (pitfall 13)
+    # decayed although not plain weight matrices (docs/ALBEF.md C13)
     for name in ("student.temp", "student.visual_encoder.pos_embed",
                  "student.visual_encoder.cls_token",
                  "student.visual_encoder.patch_embed.proj.weight",
@@ -52,7 +53,7 @@ def test_param_groups_follow_albef_rule() -> None:
                  "student.itm_head.bias", "student.visual_encoder.blocks.0.attn.qkv.bias"):
         assert name in no_decay, name
     # tensor counts from the architecture (per ViT block 8 no-decay / 4 decay; per BERT
-    # layer 10 / 6, plus 6 / 4 for cross-attention; see albef-spec §3 for ALBEF's own count)
+    # layer 10 / 6, plus 6 / 4 for cross-attention; see docs/ALBEF.md §3 for ALBEF's own count)
     v, t = cfg.model.vision, cfg.model.text
     n_decay = (4 * v.depth + 3) + 3 + 6 * t.text_layers + 10 * t.fusion_layers + 1 + 3 + 1
     n_no_decay = (8 * v.depth + 3) + 2 + 10 * t.text_layers + 16 * t.fusion_layers + 4 + 3

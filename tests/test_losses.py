@@ -1,4 +1,5 @@
-"""Loss math, MLM corruption statistics and hard-negative sampling (albef-spec §2, method-spec §2).
+"""Loss math, MLM corruption statistics and hard-negative sampling (docs/ALBEF.md §2,
+docs/METHOD.md §2).
 
 Every reference is computed by another route than the library's (``F.cross_entropy`` on an
 index, float64 loops, closed forms), never by calling the function under test.

@@ -1,4 +1,4 @@
-"""SoftMask++'s three switches against their definitions (method-spec §1-3, albef-spec §7).
+"""SoftMask++'s three switches against their definitions (docs/METHOD.md §1-3, docs/ALBEF.md §7).
 
 What is proved here:
 

@@ -41,7 +41,7 @@ def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
     assert reg.expected_model("flickr_zeroshot") == ("fine-tuned", "coco")
     assert reg.expected_model("coco_zeroshot") == ("pretrained", None)
     assert reg.stage_label("flickr_finetune") == "fine-tuned on flickr"
-    # method-spec §5, quoted exactly.
+    # docs/METHOD.md §5, quoted exactly.
     assert reg.get("coco_finetune").paper["SoftMask++"] == {
         "TR@1": 76.6, "TR@5": 93.5, "TR@10": 96.6, "IR@1": 60.2, "IR@5": 83.7, "IR@10": 90.5}
     assert reg.get("coco_finetune").paper["ALBEF"]["IR@1"] == 56.8
@@ -53,7 +53,7 @@ def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
 
 
 def test_base_stage_configs_follow_albef_retrieval_recipe() -> None:
-    """albef-spec §5: 384 px, lr 1e-5 cosine to 1e-6, batch 32, test batch 64; COCO 5 epochs
+    """docs/ALBEF.md §5: 384 px, lr 1e-5 cosine to 1e-6, batch 32, test batch 64; COCO 5 epochs
     k_test 256, Flickr 10 epochs k_test 128; queue size inherited from pre-training."""
     cell = load_experiment(preset="base", base=BASE_FILE,
                            sets=["softmask.mode=gradcam", "downstream=[coco_finetune]"])

@@ -42,7 +42,7 @@ PARTIAL = {
     "focal": {0: "running"},
     "randmask_p05": {0: "failed", 1: "failed", 2: "failed"},
 }
-# Quoted from method-spec §5 (Park & Han, CVPR 2023): cell -> (TR@1, IR@1).
+# Quoted from docs/METHOD.md §5 (Park & Han, CVPR 2023): cell -> (TR@1, IR@1).
 PAPER = {
     "component_ablation": {
         "albef": (73.10, 56.80),

@@ -39,7 +39,7 @@ VOCAB_SIZE = 60
 
 
 def reference_ranks(scores: np.ndarray, targets: list[list[int]]) -> np.ndarray:
-    """Direct transcription of albef-spec §6.8: sort each row descending with numpy's argsort
+    """Direct transcription of docs/ALBEF.md §6.8: sort each row descending with numpy's argsort
     reversed, then take the smallest position of any target."""
     ranks = []
     for row, gt in zip(scores, targets, strict=True):

@@ -154,7 +154,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class SoftMaskConfig:
-    """Text-driven soft feature masking (method-spec §1) and its RandMask baseline.
+    """Text-driven soft feature masking (docs/METHOD.md §1) and its RandMask baseline.
 
     mode: ``off`` (ALBEF), ``gradcam`` (SoftMask: word-conditional Grad-CAM -> 1 - minmax map) or
     ``random`` (RandMask: patch tokens zeroed with probability ``random_p``).
@@ -180,7 +180,7 @@ class SoftMaskConfig:
 
 @dataclass(frozen=True)
 class MMDAConfig:
-    """Multi-modal data augmentation (method-spec §3).
+    """Multi-modal data augmentation (docs/METHOD.md §3).
 
     enabled: the student sees a strong image view and masked text in the unimodal text encoder;
     ITM and MLM then share one fusion forward over (masked text, image). The strong view is

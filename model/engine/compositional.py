@@ -55,7 +55,7 @@ def load_negative_items(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-def _kinds(items: Sequence[NegativeItem]) -> list[str]:
+def negative_kinds(items: Sequence[NegativeItem]) -> list[str]:
     """Negative kinds in first-seen order (colour, shape, relation for the synthetic set)."""
     kinds: dict[str, None] = {}
     for item in items:
@@ -63,7 +63,7 @@ def _kinds(items: Sequence[NegativeItem]) -> list[str]:
     return list(kinds)
 
 
-def _load_images(items: Sequence[NegativeItem], image_root: Path,
+def load_images(items: Sequence[NegativeItem], image_root: Path,
                  transform: Callable[[Image.Image], Tensor]) -> Tensor:
     """(B, 3, H, W) transformed images of ``items``."""
     images = []
@@ -73,7 +73,8 @@ def _load_images(items: Sequence[NegativeItem], image_root: Path,
     return torch.stack(images)
 
 
-def _captions(items: Sequence[NegativeItem], kinds: Sequence[str]) -> tuple[list[str], Tensor]:
+def caption_groups(items: Sequence[NegativeItem], kinds: Sequence[str]
+                   ) -> tuple[list[str], Tensor]:
     """Captions laid out item-major as [true, neg_kind0, neg_kind1, ...] (B * (1+K),) and a
     (B, K) bool mask of which negatives exist; a missing one is filled with the true caption
     (scored but never counted)."""
@@ -148,7 +149,7 @@ def compositional_accuracy(
     """
     if len(items) == 0:
         raise ValueError("compositional_accuracy got no items")
-    kinds = _kinds(items)
+    kinds = negative_kinds(items)
     if not kinds:
         raise ValueError("no item has any negatives")
     device = torch.device(device)
@@ -158,8 +159,8 @@ def compositional_accuracy(
     with eval_mode(model):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            texts, present = _captions(chunk, kinds)
-            images = _load_images(chunk, Path(image_root), image_transform).to(device)
+            texts, present = caption_groups(chunk, kinds)
+            images = load_images(chunk, Path(image_root), image_transform).to(device)
             itm, itc = score_pairs(model, images, texts, tokenizer)
             # Column 0 is the true caption; strict '>' so that a tie counts as a loss.
             wins_itm += ((itm[:, :1] > itm[:, 1:]).cpu() & present).sum(0)

@@ -1,6 +1,6 @@
 """ALBEF's optimiser groups, learning-rate schedule and alpha ramp.
 
-See albef-spec §3 and pitfalls 13-15.
+See docs/ALBEF.md §3 and docs/ALBEF.md C13-C15.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """[no-decay, decay] groups by ALBEF's rule: 1-D tensors and biases get no decay.
 
     Everything else decays, including ``temp`` (0-D, so not "1-D"), the ViT ``cls_token`` and
-    ``pos_embed`` and all embedding tables (pitfall 13). Frozen (momentum) parameters are skipped.
+    ``pos_embed`` and all embedding tables (docs/ALBEF.md C13). Frozen (momentum) parameters are
+    skipped.
     """
     no_decay, decay = [], []
     for name, p in model.named_parameters():

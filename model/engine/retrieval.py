@@ -1,13 +1,13 @@
-"""Image-text retrieval evaluation with ALBEF's exact protocol (albef-spec §6).
+"""Image-text retrieval evaluation with ALBEF's exact protocol (docs/ALBEF.md §6).
 
 1. Features are computed once per (checkpoint, split): the full ViT token sequence and projected
    feature of every image, and the text-mode hidden states, mask and projected feature of every
-   caption (padded/truncated to exactly 30 tokens, pitfall 17). They can be cached to a file.
+   caption (padded/truncated to exactly 30 tokens, docs/ALBEF.md C17). They can be cached to a file.
 2. ITC scores: cosine similarity of the projected features (no temperature; ranks only).
 3. Re-ranking: for each query, its ``k_test`` best candidates by ITC are re-scored with the **raw
    ITM class-1 logit** of the fusion layers run on the *cached* text states (ALBEF mode
-   ``fusion``, pitfall 19); every other cell is -100 and the ITC similarity is not added
-   (pitfall 18). Both directions: image->text and text->image.
+   ``fusion``, docs/ALBEF.md C19); every other cell is -100 and the ITC similarity is not added
+   (docs/ALBEF.md C18). Both directions: image->text and text->image.
 4. Metrics: TR@K / IR@K with ALBEF's bookkeeping (``retrieval_metrics``).
 
 The batched re-ranker packs many (query, candidate) pairs into one fusion call; the loop
@@ -37,7 +37,7 @@ from model.data.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-# ALBEF's fill value for cells that were not re-ranked (albef-spec §6.4).
+# ALBEF's fill value for cells that were not re-ranked (docs/ALBEF.md §6.4).
 UNSCORED = -100.0
 EVAL_MAX_LENGTH = 30  # retrieval evaluation pads/truncates every caption to exactly 30 tokens
 RECALL_KS = (1, 5, 10)
@@ -92,7 +92,7 @@ def retrieval_metrics(
     img2txt: Mapping[int, Sequence[int]],
     txt2img: Mapping[int, int],
 ) -> dict[str, float]:
-    """ALBEF's ``itm_eval`` (albef-spec §6.8): text and image recall at 1/5/10, in percent.
+    """ALBEF's ``itm_eval`` (docs/ALBEF.md §6.8): text and image recall at 1/5/10, in percent.
 
     Args:
         scores_i2t: (N_img, N_txt) scores, higher is better.
@@ -260,7 +260,7 @@ def _encode_images(model: ALBEF, image_loader: Iterable[Any], device: torch.devi
 def extract_features(model: ALBEF, image_loader: Iterable[Any], texts: Sequence[str],
                      tokenizer: TextTokenizer, device: torch.device | str, text_batch: int = 256,
                      max_length: int = EVAL_MAX_LENGTH) -> RetrievalFeatures:
-    """Encode every caption and image of a split once (albef-spec §6.1-6.2), in eval mode.
+    """Encode every caption and image of a split once (docs/ALBEF.md §6.1-6.2), in eval mode.
 
     Args:
         model: The ALBEF network, already on ``device``.
@@ -325,7 +325,7 @@ def _combine(scores: Tensor) -> Tensor:
 
 def itm_match_logit(model: ALBEF, image_tokens: Tensor, text_states: Tensor,
                     text_mask: Tensor) -> Tensor:
-    """(P, 1+N, Dv), (P, L, D), (P, L) -> (P,) raw ITM class-1 logit (pitfall 18)."""
+    """(P, 1+N, Dv), (P, L, D), (P, L) -> (P,) raw ITM class-1 logit (docs/ALBEF.md C18)."""
     return model.itm_logits(model.fuse(text_states, text_mask, image_tokens).hidden)[:, 1]
 
 
@@ -371,7 +371,7 @@ def _rerank_direction(sim: Tensor, k: int, queries_per_call: int, score: PairSco
 
 def rerank_itm(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_test: int,
                batch_size: int = 256, trim_padding: bool = True) -> tuple[Tensor, Tensor]:
-    """ITM re-ranking of the ITC top-k (albef-spec §6.4-6.6), batched over queries.
+    """ITM re-ranking of the ITC top-k (docs/ALBEF.md §6.4-6.6), batched over queries.
 
     Queries are chunked so that one fusion call holds about ``batch_size`` pairs
     (``max(1, batch_size // k)`` queries of ``k`` candidates each). Under torch.distributed each

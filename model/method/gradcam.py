@@ -1,4 +1,4 @@
-"""Word-conditional Grad-CAM on the fusion cross-attention (method-spec §1, albef-spec §7).
+"""Word-conditional Grad-CAM on the fusion cross-attention (docs/METHOD.md §1, docs/ALBEF.md §7).
 
 A pure function over tensors of the positive ITM forward: no hooks, no module state, no
 ``.backward()``. The gradient is taken with ``torch.autograd.grad`` w.r.t. the returned attention
@@ -22,7 +22,7 @@ def gradcam_maps(
     Args:
         itm_logits: (B, 2) ITM logits of the positive pairs (graph to ``cross_attn`` intact).
         cross_attn: (B, H, L, 1+N) post-softmax, pre-dropout cross-attention probabilities.
-        attention_mask: (B, L) text padding mask; padded rows are zeroed (pitfall 25).
+        attention_mask: (B, L) text padding mask; padded rows are zeroed (docs/ALBEF.md C25).
     Returns:
         (B, L, N) non-negative maps; the image CLS column is dropped. Detached.
     """

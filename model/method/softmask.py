@@ -1,4 +1,4 @@
-"""Soft feature masks from Grad-CAM (SoftMask) and random hard masks (RandMask), method-spec §1.
+"""Soft feature masks from Grad-CAM (SoftMask) and random hard masks (RandMask), docs/METHOD.md §1.
 
 Masks multiply the image *patch* tokens; the image [CLS] token is never masked. Masks carry no
 gradient: they are a data-dependent augmentation, not a path for the loss.

@@ -1,4 +1,4 @@
-"""Per-word Grad-CAM gallery: the paper's qualitative figure (method-spec §5, albef-spec §7).
+"""Per-word Grad-CAM gallery: the paper's qualitative figure (docs/METHOD.md §5, docs/ALBEF.md §7).
 
 One row per (image, caption): the image, then for every word of the caption its Grad-CAM
 heatmap overlaid on the image, then the soft mask SoftMask would apply for one chosen word.
