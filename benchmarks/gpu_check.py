@@ -1,4 +1,4 @@
-"""One prepared device check: everything a GPU session should measure, in one command.
+"""One prepared device check: everything to measure on a GPU machine, in one command.
 
 ``python -m benchmarks.gpu_check --out DIR`` (CUDA, the paper-scale plan) runs, each as its own
 subprocess with its own time limit, so that one crash or OOM never loses the others:
