@@ -1,4 +1,4 @@
-"""ALBEF's in-batch hard-negative sampling for ITM (docs/ALBEF.md §2.2, docs/ALBEF.md C8)."""
+"""ALBEF's in-batch hard-negative sampling for ITM (docs/ALBEF.md §2.2 and C8)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ def negative_weights(sim_batch: Tensor, idx: Tensor | None = None,
     every column with the same image id (retrieval fine-tuning). Not renormalised: multinomial
     sampling accepts unnormalised weights. ``hardness`` scales the logits first: 1 is ALBEF
     (negatives as hard as the ITC similarities make them), 0 draws uniformly random negatives;
-    values in between are the tiny preset's curriculum (``loss.itm_neg_ramp_steps``).
+    values in between are the tiny preset's curriculum (``loss.itm_neg_ramp``).
     """
-    logits = sim_batch.float() if hardness == 1.0 else sim_batch.float() * hardness
-    weights = F.softmax(logits, dim=1)
+    # Scaling by exactly 1.0 leaves every logit bit-identical: ALBEF's weights.
+    weights = F.softmax(sim_batch.float() * hardness, dim=1)
     # A diverged step (non-finite similarities) must not crash the sampler before the
     # divergence guard reports it: such rows fall back to uniform weights. Finite rows are
     # unchanged (the selection is exact), and nothing is read back to the host.

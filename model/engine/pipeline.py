@@ -59,18 +59,16 @@ def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
                                 checkpoint_hash=ckpt_hash[:16],
                                 cache_dir=tr.run_dir if cfg.eval.cache_features else None)
     metrics = dict(report.metrics)
+    test_view = build_transform("test", cfg.eval.image_size or cfg.model.vision.image_size)
     if tr.sources.negatives_file is not None:
         items = load_negative_items(tr.sources.negatives_file)
-        size = cfg.eval.image_size or cfg.model.vision.image_size
-        metrics.update(compositional_accuracy(student, items, build_transform("test", size),
-                                              tr.sources.image_root, tokenizer, device,
-                                              cfg.eval.batch_size))
+        metrics.update(compositional_accuracy(student, items, test_view, tr.sources.image_root,
+                                              tokenizer, device, cfg.eval.batch_size))
     if tr.sources.boxes_file is not None:
-        size = cfg.eval.image_size or cfg.model.vision.image_size
         metrics.update(localisation_scores(
-            student, load_box_items(tr.sources.boxes_file), build_transform("test", size),
-            tr.sources.image_root, tokenizer, device, cfg.softmask.layer,
-            cfg.model.vision.patch_size, cfg.eval.batch_size))
+            student, load_box_items(tr.sources.boxes_file), test_view, tr.sources.image_root,
+            tokenizer, device, cfg.softmask.layer, cfg.model.vision.patch_size,
+            cfg.eval.batch_size))
     provenance = {
         **report.provenance,
         "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_hash,
