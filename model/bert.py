@@ -63,6 +63,15 @@ def extended_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_FILL
 
 
+def causal_extended_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) padding mask -> additive (B, 1, L, L) decoder mask: position i sees j <= i that
+    are not padding (BERT's decoder mask, with the same -10000 fill)."""
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, device=attention_mask.device).tril()
+    allowed = causal[None, None] * attention_mask[:, None, None, :].to(causal.dtype)
+    return (1.0 - allowed.to(dtype)) * MASK_FILL
+
+
 class AttentionCore(nn.Module):
     """Multi-head attention projections (``query``/``key``/``value`` as in BERT).
 
@@ -139,12 +148,14 @@ class BertLayer(nn.Module):
         mask: Tensor,
         image: Tensor | None = None,
         need_probs: bool = False,
+        cross_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """``cross_mask``: additive mask over the cross-attended tokens. ALBEF's image tokens are
+        never padded (all-ones mask, so None); the answer decoder attends to padded questions."""
         hidden, _ = self.attention(hidden, hidden, mask)
         probs = None
         if self.crossattention is not None:
-            # ALBEF always passes an all-ones image mask, so no mask is needed here.
-            hidden, probs = self.crossattention(hidden, image, None, need_probs)
+            hidden, probs = self.crossattention(hidden, image, cross_mask, need_probs)
         return self.output(self.intermediate(hidden), hidden), probs
 
 
