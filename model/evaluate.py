@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -37,8 +38,11 @@ from model.checkpoints import CheckpointMismatchError, CheckpointReadError
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError, replace_path
 from model.config.schema import ExperimentConfig
+from model.downstream.config import TaskConfig
+from model.downstream.run import run_task
 from model.engine.protocol import (
     RECALL_KEYS,
+    TASK_METRIC_KEYS,
     CheckpointInfo,
     ProtocolRegistry,
     eval_image_size,
@@ -136,9 +140,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], caption: Sequence[str], title
     return "\n".join(out) + "\n"
 
 
-def csv_table(rows: Sequence[dict[str, Any]]) -> str:
+def csv_table(rows: Sequence[dict[str, Any]],
+              metrics: Sequence[str] = (*RECALL_KEYS, "r_mean")) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["model", "source", *RECALL_KEYS, "r_mean"],
+    writer = csv.DictWriter(buf, fieldnames=["model", "source", *metrics],
                             lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -176,12 +181,83 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_task_checkpoint(state: dict[str, Any]) -> bool:
+    """A fine-tuned SNLI-VE / NLVR2 / VQA model (ours or ALBEF's): not a pre-training file, and
+    not ALBEF's text-assignment file (NLVR2 is fine-tuned from that one)."""
+    return any(k.startswith(("cls_head.", "decoder.", "text_decoder.")) for k in state)
+
+
+def rebase_task_paths(task: TaskConfig, root: str | Path) -> TaskConfig:
+    """The task block's ``data/...`` paths moved under ``root`` (as --data-root does)."""
+    def move(value: str) -> str:
+        if value.startswith(DATA_PREFIX):
+            return str(Path(root) / value[len(DATA_PREFIX):])
+        return value
+
+    keys = ("val_file", "test_file", "image_root", "vg_root", "answer_list")
+    return dataclasses.replace(task, train_files=tuple(move(f) for f in task.train_files),
+                               **{k: move(getattr(task, k)) for k in keys})
+
+
+def evaluate_task(args: argparse.Namespace, registry: ProtocolRegistry, state: dict[str, Any],
+                  info: CheckpointInfo, cfg: ExperimentConfig, cfg_source: str
+                  ) -> tuple[dict[str, Any], Path]:
+    """A task protocol: evaluate a fine-tuned task checkpoint as it is, or fine-tune a
+    pre-training checkpoint with the protocol's recipe first (then evaluate)."""
+    stage = stage_config(cfg, args.protocol, None, registry, args.sets, source=cfg_source)
+    task = registry.get(args.protocol).task_config(stage.data.kind == "synthetic")
+    if args.data_root:
+        stage, task = rebase_data_paths(stage, args.data_root), rebase_task_paths(task,
+                                                                                  args.data_root)
+    as_is = is_task_checkpoint(state)
+    log.info("%s: %s", info.path, "a fine-tuned task model: evaluated as it is" if as_is else
+             "a pre-training checkpoint: fine-tuning with the protocol's recipe first")
+    out = Path(args.out) if args.out else (
+        Path("results") / "eval" / f"{info.path.stem}__{args.protocol}")
+    result = run_task(stage, task, info.path, out, device=args.device, evaluate_only=as_is,
+                      trust_pickle=args.trust_pickle)
+    p = registry.get(args.protocol)
+    label = f"ours: {info.path.name} ({'as is' if as_is else 'fine-tuned here'})"
+    rows = [{"model": name, "source": "quoted from the paper", **vals}
+            for name, vals in p.paper.items()]
+    rows.append({"model": label, "source": "this evaluation", **result.metrics})
+    caption = [f"Protocol `{args.protocol}`: {p.description}. Config: {cfg_source}."]
+    if p.paper:
+        caption.append(f"Paper rows are quoted, not reproduced: {registry.paper_source}.")
+    if stage.data.kind == "synthetic":
+        caption.append("Ours ran on the SYNTHETIC stand-in, not on "
+                       f"{p.split_name or p.dataset}: not comparable with the paper rows.")
+    (out / "table.md").write_text(task_markdown_table(rows, caption, p.split_name or p.dataset))
+    (out / "table.csv").write_text(csv_table(
+        rows, [k for k in TASK_METRIC_KEYS if any(k in r for r in rows)]))
+    payload = {"protocol": args.protocol, "metrics": result.metrics, "rows": rows,
+               "warnings": [], "caption": caption, "provenance": result.provenance,
+               "paper_source": registry.paper_source}
+    write_json_atomic(out / "result.json", payload)
+    return payload, out
+
+
+def task_markdown_table(rows: Sequence[dict[str, Any]], caption: Sequence[str], title: str
+                        ) -> str:
+    """Accuracy (%) per split, the split names as the paper writes them."""
+    keys = [k for k in TASK_METRIC_KEYS if any(k in r for r in rows)]
+    out = [f"## {title}", "", "| model | source | " + " | ".join(keys) + " |",
+           "|---|---|" + "---:|" * len(keys)]
+    for row in rows:
+        digits = 1 if row["source"].startswith("quoted") else 2
+        cells = [_fmt(row.get(k), digits) for k in keys]
+        out.append(f"| {row['model']} | {row['source']} | " + " | ".join(cells) + " |")
+    return "\n".join([*out, "", *[f"{line}  " for line in caption]]) + "\n"
+
+
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Run one evaluation from parsed arguments; returns (result.json content, out dir)."""
     registry = load_protocols(args.protocols_file) if args.protocols_file else load_protocols()
     registry.get(args.protocol)
     state, info = read_checkpoint_file(args.checkpoint, trust_pickle=args.trust_pickle)
     cfg, cfg_source = base_config(args, info)
+    if registry.get(args.protocol).task is not None:
+        return evaluate_task(args, registry, state, info, cfg, cfg_source)
     eval_cfg = stage_config(cfg, args.protocol, None, registry, args.sets, source=cfg_source)
     # The protocol's own settings for the same kind of data (without --set), to compare with.
     protocol_cfg = stage_config(cfg, args.protocol, None, registry, source=cfg_source,

@@ -222,8 +222,8 @@ def answer_list(spec: SyntheticSpec) -> list[str]:
     return [*spec.colours, *spec.shapes, *spec.sizes, "yes", "no", "one", "two", *combos]
 
 
-def tasks_hash(spec: SyntheticSpec, sizes: TaskSizes, seed: int) -> str:
-    payload = json.dumps({"format": TASKS_FORMAT_VERSION, "spec": spec.hash(),
+def tasks_hash(task: str, spec: SyntheticSpec, sizes: TaskSizes, seed: int) -> str:
+    payload = json.dumps({"format": TASKS_FORMAT_VERSION, "task": task, "spec": spec.hash(),
                           "sizes": sizes.__dict__, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -232,45 +232,50 @@ def _write(root: Path, name: str, data: object) -> None:
     (root / name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
-def _build(tmp: Path, spec: SyntheticSpec, sizes: TaskSizes, seed: int) -> dict[str, int]:
+def _build(tmp: Path, task: str, spec: SyntheticSpec, sizes: TaskSizes, seed: int
+           ) -> dict[str, int]:
     scenes = _Scenes(spec, tmp, sizes)
-    counts: dict[str, int] = {}
     makers: dict[str, Callable[[str, int], list[dict]]] = {
         "ve": lambda split, n: _ve_split(scenes, seed, split, n),
         "nlvr": lambda split, n: _nlvr_split(scenes, seed, split, n),
         "vqa": lambda split, n: _vqa_split(scenes, seed, split, n,
                                            1_000_000 * (_SPLIT_SEEDS[split])),
     }
-    for task, make in makers.items():
-        for split in SPLITS:
-            entries = make(split, getattr(sizes, split))
-            _write(tmp, f"{task}_{split}.json", entries)
-            counts[f"{task}_{split}"] = len(entries)
-    _write(tmp, ANSWER_LIST, answer_list(spec))
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        entries = makers[task](split, getattr(sizes, split))
+        _write(tmp, f"{task}_{split}.json", entries)
+        counts[f"{task}_{split}"] = len(entries)
+    if task == "vqa":
+        _write(tmp, ANSWER_LIST, answer_list(spec))
     return counts
 
 
-def generate_tasks(cache_dir: str | Path, spec: SyntheticSpec, sizes: TaskSizes | None = None,
-                   seed: int = 0) -> TaskFiles:
-    """Write (or reuse) the three stand-ins under ``cache_dir/synthetic_tasks_<hash>``.
+def generate_task(cache_dir: str | Path, task: str, spec: SyntheticSpec,
+                  sizes: TaskSizes | None = None, seed: int = 0) -> TaskFiles:
+    """Write (or reuse) one stand-in (``ve``, ``nlvr`` or ``vqa``) under
+    ``cache_dir/synthetic_<task>_<hash>``.
 
     Written into a temporary directory and renamed into place, so concurrent callers and an
     interrupted generation never leave a half-written set behind.
     """
+    if task not in _STREAMS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_STREAMS)}")
     sizes = sizes or TaskSizes()
-    key = tasks_hash(spec, sizes, seed)
-    root = Path(cache_dir) / f"synthetic_tasks_{key}"
+    key = tasks_hash(task, spec, sizes, seed)
+    root = Path(cache_dir) / f"synthetic_{task}_{key}"
     if (root / "manifest.json").is_file():
         return TaskFiles(root)
-    tmp = Path(cache_dir) / f".synthetic_tasks_{key}.{os.getpid()}"
+    tmp = Path(cache_dir) / f".synthetic_{task}_{key}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = _build(tmp, spec, sizes, seed)
-    _write(tmp, "manifest.json", {"hash": key, "spec": spec.to_dict(), "sizes": sizes.__dict__,
+    counts = _build(tmp, task, spec, sizes, seed)
+    _write(tmp, "manifest.json", {"hash": key, "task": task, "spec": spec.to_dict(),
+                                  "sizes": sizes.__dict__,
                                   "seed": seed, "counts": counts})
     try:
         tmp.rename(root)
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("synthetic downstream sets at %s: %s", root, counts)
+    log.info("synthetic %s stand-in at %s: %s", task, root, counts)
     return TaskFiles(root)

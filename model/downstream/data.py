@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from model.config.schema import ExperimentConfig
 from model.data.datasets import PretrainDataset
 from model.data.sampling import SeededDataset
-from model.data.synthetic_tasks import TaskSizes, generate_tasks
+from model.data.synthetic_tasks import TaskSizes, generate_task
 from model.data.task_data import (
     ClassifyCollate,
     NLVRDataset,
@@ -51,7 +51,7 @@ def resolve_task_files(cfg: ExperimentConfig, task: TaskConfig) -> TaskFilesReso
     """The task's files; for synthetic data the stand-ins are generated (cached) first."""
     if cfg.data.kind == "synthetic":
         s = task.synthetic
-        files = generate_tasks(cfg.data.cache_dir, synthetic_spec(cfg),
+        files = generate_task(cfg.data.cache_dir, task.name, synthetic_spec(cfg),
                                TaskSizes(s.train, s.val, s.test, s.single_object_fraction),
                                seed=s.seed)
         by = {"ve": files.ve, "nlvr": files.nlvr, "vqa": files.vqa}[task.name]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def predict_vqa(objective: VQAObjective, loader: DataLoader, answers: list[str],
     return out
 
 
-def _gather(items: list[Any]) -> list[Any]:
+def gather_objects(items: list[Any]) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return items
     parts: list[Any] = [None] * dist.get_world_size()
@@ -110,7 +110,7 @@ def _gather(items: list[Any]) -> list[Any]:
     return [x for p in parts for x in p]
 
 
-def _train_epochs(objective: TaskObjective, model: nn.Module, loader: DataLoader,
+def train_epochs(objective: TaskObjective, model: nn.Module, loader: DataLoader,
                   train: TrainConfig, alpha: float, alpha_warmup: bool, dist_info: DistInfo,
                   metrics: Path | None, stage: str,
                   on_epoch: Callable[[int], None] | None = None) -> int:
@@ -157,7 +157,7 @@ def _train_epochs(objective: TaskObjective, model: nn.Module, loader: DataLoader
     return step
 
 
-def _wrap(objective: TaskObjective, dist_info: DistInfo) -> nn.Module:
+def wrap_ddp(objective: TaskObjective, dist_info: DistInfo) -> nn.Module:
     if dist_info.world_size == 1:
         return objective
     return DistributedDataParallel(
@@ -182,7 +182,7 @@ def run_text_assignment(cfg: ExperimentConfig, task: TaskConfig, backbones: Back
     size = backbones.student.visual_encoder.patch_embed.img_size[0]  # the checkpoint's
     loader = build_ta_loader(cfg, task, resolve_sources(cfg), tokenizer, dist_info, size)
     loader.collate_fn = _rename_image(loader.collate_fn)
-    steps = _train_epochs(objective, _wrap(objective, dist_info), loader,
+    steps = train_epochs(objective, wrap_ddp(objective, dist_info), loader,
                           _ta_train_config(cfg, task), 0.0, False, dist_info, metrics, "ta")
     return model, {"ta_steps": steps, "ta_pairs": len(loader.dataset)}
 
@@ -195,7 +195,7 @@ def _rename_image(collate: Callable) -> Callable:
     return call
 
 
-def _objective(task: TaskConfig, student: nn.Module, teacher: nn.Module | None,
+def make_objective(task: TaskConfig, student: nn.Module, teacher: nn.Module | None,
                cfg: ExperimentConfig, pad_id: int, rank: int) -> TaskObjective:
     seed = cfg.train.seed + rank
     if teacher is not None:
@@ -211,15 +211,16 @@ REASON_TA_HEAD = ("the text-assignment step's 3-way head and its vision_proj are
 REASON_NEW_HEAD = "the NLVR2 classifier is new (randomly initialised, as in ALBEF)"
 
 
-def ta_to_nlvr(ta_model: nn.Module, template: ALBEF, bert_cfg) -> tuple[nn.Module, LoadReport]:
+def ta_to_nlvr(ta_state: Mapping[str, torch.Tensor], template: ALBEF, bert_cfg,
+               source: str = "text-assignment model", fmt: str = "ours",
+               ) -> tuple[nn.Module, LoadReport]:
     """The NLVR2 model at the fine-tuning resolution, loaded (loudly, pos_embed interpolated)
-    from the TA-trained model: its encoders carry over, the head is new."""
+    from a TA-trained state in the task naming: its encoders carry over, the head is new."""
     model = build_task_model("nlvr", template, bert_cfg)
     rules = [AllowRule("unexpected", "cls_head.*", REASON_TA_HEAD),
              AllowRule("unexpected", "vision_proj.*", REASON_TA_HEAD),
              AllowRule("missing", "cls_head.*", REASON_NEW_HEAD)]
-    report = apply_state(model, ta_model.state_dict(), LoadReport("text-assignment model", "ours"),
-                         rules=rules)
+    report = apply_state(model, ta_state, LoadReport(source, fmt), rules=rules)
     return model, report
 
 
@@ -232,7 +233,7 @@ def build_task_objective(cfg: ExperimentConfig, task: TaskConfig, backbones: Bac
     if task.name == "nlvr" and task.ta.enabled:
         ta_model, info = run_text_assignment(cfg, task, backbones, bert_cfg, tokenizer,
                                              dist_info, metrics)
-        student, report = ta_to_nlvr(ta_model.cpu(), template, bert_cfg)
+        student, report = ta_to_nlvr(ta_model.cpu().state_dict(), template, bert_cfg)
         info["ta_to_nlvr_load"] = report.to_text()
         teacher = copy.deepcopy(student) if task.distill else None
         info["teacher_init"] = "copy of the TA-trained student" if teacher is not None else "none"
@@ -244,5 +245,5 @@ def build_task_objective(cfg: ExperimentConfig, task: TaskConfig, backbones: Bac
             if hasattr(student, "cls_head"):  # ALBEF copies the fresh head into its twin
                 teacher.cls_head.load_state_dict(student.cls_head.state_dict())
         info["teacher_init"] = backbones.teacher_source if teacher is not None else "none"
-    objective = _objective(task, student, teacher, cfg, tokenizer.pad_id, dist_info.rank)
+    objective = make_objective(task, student, teacher, cfg, tokenizer.pad_id, dist_info.rank)
     return objective.to(dist_info.device), info

@@ -45,6 +45,7 @@ from model.config.loader import (
     to_dict,
 )
 from model.config.schema import ExperimentConfig
+from model.downstream.config import TaskConfig
 from model.engine.checkpoint import checkpoint_path
 from model.engine.data import build_eval_dataset, build_tokenizer, resolve_sources
 from model.engine.distributed import barrier, init_distributed
@@ -67,7 +68,10 @@ PROTOCOLS_FILE = Path(__file__).resolve().parents[2] / "ablations" / "protocols.
 PRETRAIN = "pretrain"
 RECALL_KEYS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 _ENTRY_KEYS = {"description", "from", "train", "overrides", "synthetic", "dataset", "split",
-               "paper"}
+               "paper", "task", "task_synthetic"}
+# Metric names of the task protocols' paper rows (model/downstream: SNLI-VE val/test, NLVR2
+# dev/test-P, VQA test-dev/test-std).
+TASK_METRIC_KEYS = ("val", "test", "dev", "test-P", "test-dev", "test-std")
 _REQUIRED_KEYS = {"from", "train", "overrides", "dataset"}
 
 
@@ -89,6 +93,20 @@ class Protocol:
     split_name: str = ""
     split_images: int | None = None
     paper: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Downstream task stages (SNLI-VE, NLVR2, VQA): the ``task:`` block, and the layer merged
+    # over it when data.kind = synthetic. None for retrieval protocols.
+    task: Mapping[str, Any] | None = None
+    task_synthetic: Mapping[str, Any] = field(default_factory=dict)
+
+    def task_config(self, synthetic: bool) -> TaskConfig:
+        """The typed task settings (with the synthetic layer when asked)."""
+        if self.task is None:
+            raise ConfigError(f"protocol {self.name!r} is not a task protocol")
+        layers = [(f"protocols.{self.name}.task", self.task)]
+        if synthetic:
+            layers.append((f"protocols.{self.name}.task_synthetic", self.task_synthetic))
+        merged, origins = merge_layers(layers)
+        return from_dict(TaskConfig, merged, origins)
 
 
 @dataclass(frozen=True)
@@ -162,13 +180,39 @@ def _paper_rows(value: Any, where: str, errors: list[str]) -> dict[str, dict[str
         return {}
     rows: dict[str, dict[str, float]] = {}
     for model, recalls in value.items():
-        if not isinstance(recalls, Mapping) or set(recalls) - set(RECALL_KEYS) or not all(
+        keys = (*RECALL_KEYS, *TASK_METRIC_KEYS)
+        if not isinstance(recalls, Mapping) or set(recalls) - set(keys) or not all(
                 isinstance(v, int | float) for v in recalls.values()):
-            errors.append(f"{where}.{model}: expected numbers for keys among {RECALL_KEYS}, "
+            errors.append(f"{where}.{model}: expected numbers for keys among {keys}, "
                           f"got {recalls!r}")
             continue
-        rows[str(model)] = {k: float(recalls[k]) for k in RECALL_KEYS if k in recalls}
+        rows[str(model)] = {k: float(recalls[k]) for k in keys if k in recalls}
     return rows
+
+
+def _task_blocks(entry: Mapping[str, Any], where: str, errors: list[str]
+                 ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any]]:
+    """The ``task`` / ``task_synthetic`` blocks, validated as TaskConfig both ways now."""
+    task, extra = entry.get("task"), entry.get("task_synthetic") or {}
+    if task is None:
+        if extra:
+            errors.append(f"{where}.task_synthetic: only allowed with a task block")
+        return None, {}
+    if not isinstance(task, Mapping) or not isinstance(extra, Mapping):
+        errors.append(f"{where}.task: expected a mapping (name: ve | nlvr | vqa, files, ...)")
+        return None, {}
+    for layers in ([(f"{where}.task", task)],
+                   [(f"{where}.task", task), (f"{where}.task_synthetic", extra)]):
+        merged, origins = merge_layers(layers)
+        try:
+            from_dict(TaskConfig, merged, origins)
+        except ConfigError as err:
+            errors.append(str(err))
+            return None, {}
+    if entry.get("from") != PRETRAIN or entry.get("train") is not True:
+        errors.append(f"{where}: a task protocol fine-tunes the pre-trained model: it needs "
+                      f"from: {PRETRAIN} and train: true")
+    return task, extra
 
 
 def _parse_entry(path: Path, name: str, entry: Any, errors: list[str]) -> Protocol | None:
@@ -191,8 +235,10 @@ def _parse_entry(path: Path, name: str, entry: Any, errors: list[str]) -> Protoc
     if not isinstance(split, Mapping) or set(split) - {"name", "images"}:
         errors.append(f"{where}.split: expected {{name: ..., images: N}}, got {split!r}")
         split = {}
+    task, task_synthetic = _task_blocks(entry, where, errors)
     return Protocol(
         name=name, source=str(entry["from"]), train=bool(entry["train"]),
+        task=task, task_synthetic=task_synthetic,
         overrides=_as_paths(path.parent, entry["overrides"], f"{where}.overrides", errors),
         synthetic=_as_paths(path.parent, entry.get("synthetic"), f"{where}.synthetic", errors),
         dataset=str(entry["dataset"]), description=str(entry.get("description") or ""),
@@ -276,8 +322,25 @@ def validate_downstream(cfg: ExperimentConfig, registry: ProtocolRegistry | None
     """Resolve every stage config of ``cfg.downstream`` now (before hours of pre-training):
     unknown protocols, missing override files and invalid stage configs raise ConfigError."""
     registry = registry or load_protocols()
-    return {name: stage_config(cfg, name, f"<{registry.get(name).source} checkpoint>", registry)
-            for name in registry.resolve_order(cfg.downstream)}
+    stages = {name: stage_config(cfg, name, f"<{registry.get(name).source} checkpoint>", registry)
+              for name in registry.resolve_order(cfg.downstream)}
+    for name, stage in stages.items():
+        p = registry.get(name)
+        if p.task is not None and stage.data.kind != "synthetic":
+            _check_task_files(name, p.task_config(False))
+    return stages
+
+
+def _check_task_files(name: str, task: TaskConfig) -> None:
+    """Real-data task protocols: every file they name must exist before anything is submitted."""
+    named = [("train_files", f) for f in task.train_files] + [
+        (key, getattr(task, key)) for key in ("val_file", "test_file", "image_root", "vg_root",
+                                              "answer_list") if getattr(task, key)]
+    missing = [f"protocols.{name}.task.{key}: {path} does not exist" for key, path in named
+               if not Path(path).exists()]
+    if missing:
+        raise ConfigError([*missing, "convert the official annotations first (docs/DATA.md, "
+                                     "python -m model.data.prepare) or fix the paths"])
 
 
 def eval_image_size(cfg: ExperimentConfig) -> int:
@@ -563,6 +626,27 @@ def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConf
                        experiment_hash(stage_cfg))
 
 
+def _task_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
+                stage_dir: Path, init: Path, init_size: int, identity: dict[str, Any],
+                device: str | None) -> StageResult | None:
+    """A downstream task (SNLI-VE, NLVR2, VQA): fine-tune from ``init`` and evaluate."""
+    # Imported here: the task runner builds on the engine (data, optimiser, distributed), and
+    # this module is imported by the engine's pipeline.
+    from model.downstream.run import run_task
+
+    task = registry.get(name).task_config(stage_cfg.data.kind == "synthetic")
+    dump_yaml(stage_cfg, stage_dir / CONFIG)
+    result = run_task(stage_cfg, task, init, stage_dir, device=device, init_image_size=init_size,
+                      identity=identity)
+    if init_distributed(device, stage_cfg.train.dist_timeout_min).is_main:
+        provenance = {**_stage_provenance(registry, name, stage_cfg, init, init_size),
+                      **result.provenance, "task_config": to_dict(task)}
+        return StageResult(name, result.metrics, provenance, stage_dir,
+                           stage_dir / "task_checkpoint.pt", True, experiment_hash(stage_cfg),
+                           int(result.provenance.get("train_steps", 0)))
+    return None
+
+
 def run_downstream(cfg: ExperimentConfig, run_dir: str | Path, pretrain_checkpoint: str | Path,
                    protocols: Sequence[str], identity: dict[str, Any] | None = None, *,
                    device: str | None = None, progress: bool = False,
@@ -616,7 +700,10 @@ def run_downstream(cfg: ExperimentConfig, run_dir: str | Path, pretrain_checkpoi
         stage_identity = {**(identity or {}), "stage": name}
         log.info("stage %s (%s) from %s in %s", name, registry.stage_label(name), init,
                  stage_dir)
-        if p.train:
+        if p.task is not None:
+            result = _task_stage(registry, name, stage_cfg, stage_dir, init, init_size,
+                                 stage_identity, device)
+        elif p.train:
             result = _train_stage(registry, name, stage_cfg, stage_dir, init, init_size,
                                   stage_identity, device, progress)
         else:

@@ -1,8 +1,9 @@
 """Command line: ``python -m model.data.prepare <source> [options]``.
 
-Sources: ``coco``, ``flickr``, ``vg``, ``sbu``, ``cc3m`` (one converter each) and ``combine``
-(the "4M" pre-training corpus). ``python -m model.data.prepare <source> --help`` lists the
-options and the expected input layout; docs/DATA.md has the full walk-through.
+Sources: ``coco``, ``flickr``, ``vg``, ``sbu``, ``cc3m`` (one converter each), ``combine``
+(the "4M" pre-training corpus) and the downstream tasks ``snli-ve``, ``nlvr2``, ``vqa``.
+``python -m model.data.prepare <source> --help`` lists the options and the expected input
+layout; docs/DATA.md has the full walk-through.
 
 Exit status: 0 on success, 2 when an input is missing or malformed (the message names the file
 and the offending entry).
@@ -15,7 +16,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from model.data.prepare import PrepareError, PrepareSummary, cc3m, coco, combine, flickr, sbu, vg
+from model.data.prepare import (
+    PrepareError,
+    PrepareSummary,
+    cc3m,
+    coco,
+    combine,
+    flickr,
+    sbu,
+    tasks,
+    vg,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only log warnings and errors")
     subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    for module in (coco, flickr, vg, sbu, cc3m, combine):
+    for module in (coco, flickr, vg, sbu, cc3m, combine, tasks):
         module.add_parser(subparsers)
     return parser
 
