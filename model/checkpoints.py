@@ -489,7 +489,14 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except RuntimeError:
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError) as exc:  # torch's zip reader does not name the file
+        raise CheckpointReadError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: {exc}); if a job was "
+            "killed while writing it, the run directory's previous checkpoint is the last good "
+            "one") from exc
 
 
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:

@@ -19,10 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from results.collect import (
+    RawFileError,
     collect_runs,
     deduplicate,
     frame_to_records,
     load_curves,
+    merge_with_raw,
     read_raw,
     read_raw_curves,
     records_to_frame,
@@ -68,6 +70,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="where --runs writes <grid>.jsonl (default results/raw)",
     )
     parser.add_argument("--no-raw", action="store_true", help="do not write the raw summary")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="--runs: overwrite the raw summary with the collected runs only (default: merge "
+        "them into it, keeping the rows of cells and seeds that were not collected now)",
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop malformed raw lines (counted in the captions) instead of failing",
+    )
     parser.add_argument("--preset", help="keep only runs of this preset (tiny/base)")
     parser.add_argument(
         "--seeds",
@@ -93,16 +106,25 @@ def from_runs(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame,
     if not args.no_raw:
         grids = sorted(frame.loc[frame["status"] != "missing", "grid"].dropna().unique())
         name = args.grid or (grids[0] if len(grids) == 1 else "all")
-        write_raw(frame, args.raw_dir / f"{name}.jsonl", curves)
+        path = args.raw_dir / f"{name}.jsonl"
+        if not args.no_merge:  # a partial grid updates its own rows, keeps every other row
+            frame, curves = merge_with_raw(frame, curves, path, args.skip_bad)
+        write_raw(frame, path, curves)
+        skipped = frame.attrs.get("skipped_lines", 0)
+        frame = select_runs(frame, preset=args.preset, cells=cells, seeds=args.seeds)
+        frame.attrs["skipped_lines"] = skipped
     return frame, curves
 
 
 def from_raw(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild frame and curves from raw summaries (a cell/seed in two files: newest wins)."""
-    records = [r for path in args.raw for r in frame_to_records(read_raw(path))]
+    frames = [read_raw(path, args.skip_bad) for path in args.raw]
+    records = [r for f in frames for r in frame_to_records(f)]
     frame = records_to_frame(deduplicate(records))
     frame = select_runs(frame, preset=args.preset, cells=cells, seeds=args.seeds)
-    curves = pd.concat([read_raw_curves(path) for path in args.raw], ignore_index=True)
+    frame.attrs["skipped_lines"] = sum(f.attrs.get("skipped_lines", 0) for f in frames)
+    curves = pd.concat([read_raw_curves(path, args.skip_bad) for path in args.raw],
+                       ignore_index=True)
     live = set(frame.loc[frame["status"].isin(["done", "running"]), "run_id"].dropna())
     return frame, curves[curves["run_id"].isin(live)]
 
@@ -117,7 +139,9 @@ def regenerate(
 ) -> list[Path]:
     """Write every table (md/tex/csv/png), the curves figure and summary.md into ``out``."""
     paper = load_paper(paper_path)
-    results = build_tables(frame, specs, paper)
+    skipped = frame.attrs.get("skipped_lines", 0)
+    note = f"{skipped} malformed raw line(s) were skipped (--skip-bad)." if skipped else ""
+    results = build_tables(frame, specs, paper, note=note)
     written: list[Path] = []
     for name, result in results.items():
         written += write_table(result, out)
@@ -141,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = spec_cells(specs)
         frame, curves = from_runs(args, cells) if args.runs else from_raw(args, cells)
         written = regenerate(frame, curves, args.out, specs, args.paper, cells)
+    except RawFileError as err:
+        for problem in err.problems:
+            logger.error("%s", problem)
+        logger.error("%d malformed raw line(s); fix them or pass --skip-bad", len(err.problems))
+        return 2
     except ValueError as err:
         logger.error("%s", err)
         return 2

@@ -361,7 +361,7 @@ def display_frame(
     return shown, mask.astype(bool)
 
 
-def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers) -> str:
+def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers, note: str = "") -> str:
     """One-line caption: dataset, preset, seeds, and that paper columns are quoted."""
     seeds = ",".join(str(s) for s in ctx.seeds) or "none"
     evaluated = f" ({ctx.eval_note})" if ctx.eval_note else ""
@@ -373,7 +373,7 @@ def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers) -> str
         f"{SIG_MARK} marks a Δ "
         f"whose two-sided Welch's t-test over the seeds gives p < {SIG_LEVEL} (needs >= 2 "
         f"finished seeds in both rows; an unmarked Δ is within seed noise). Paper columns are "
-        f"quoted, not reproduced ({paper.source})."
+        f"quoted, not reproduced ({paper.source})." + (f" {note}" if note else "")
     )
 
 
@@ -415,7 +415,7 @@ def to_latex(shown: pd.DataFrame, mask: pd.DataFrame, caption: str, label: str) 
 
 
 def build_table(
-    frame: pd.DataFrame, spec: TableSpec, specs: Specs, paper: PaperNumbers
+    frame: pd.DataFrame, spec: TableSpec, specs: Specs, paper: PaperNumbers, note: str = ""
 ) -> TableResult:
     """Summarise and render one table, warning about every cell/seed without a finished run."""
     ctx = table_context(frame, spec, specs.datasets)
@@ -429,7 +429,7 @@ def build_table(
         )
         logger.warning("table %s: no finished run for %s", spec.name, listed)
     shown, mask = display_frame(summary, spec, ctx, paper)
-    caption = caption_text(spec, ctx, paper)
+    caption = caption_text(spec, ctx, paper, note)
     return TableResult(
         spec=spec,
         context=ctx,
@@ -441,7 +441,8 @@ def build_table(
 
 
 def build_tables(
-    frame: pd.DataFrame, specs: Specs | None = None, paper: PaperNumbers | None = None
+    frame: pd.DataFrame, specs: Specs | None = None, paper: PaperNumbers | None = None,
+    note: str = "",
 ) -> dict[str, TableResult]:
     """Every table of the specs from one collected frame (shared cells are read once)."""
     specs = specs or load_specs()
@@ -449,7 +450,8 @@ def build_tables(
     cells = [cell for spec in specs.tables.values() for cell in spec.cells]
     # Every table cell gets a row per seed (as "missing" if it never ran), whoever built frame.
     frame = select_runs(frame, cells=cells)
-    return {name: build_table(frame, spec, specs, paper) for name, spec in specs.tables.items()}
+    return {name: build_table(frame, spec, specs, paper, note)
+            for name, spec in specs.tables.items()}
 
 
 def write_table(result: TableResult, out_dir: Path) -> list[Path]:

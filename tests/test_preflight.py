@@ -183,3 +183,15 @@ def test_cli_exit_codes_and_reports(
     assert main([str(files[0]), "--image-root", str(root), "--report", str(tmp_path / "r.md")]) == 1
     assert "coco/0.jpg" in (tmp_path / "r.md").read_text(encoding="utf-8")
     assert main([str(files[0]), "--image-root", str(root), "--sample", "-1"]) == 2
+
+
+def test_caption_empty_after_albefs_cleaning_is_flagged(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _write(root / "a.jpg", _jpeg_bytes())
+    path = _dump(tmp_path / "ann.json", [{"image": "a.jpg", "caption": "a dog"},
+                                         {"image": "a.jpg", "caption": ["ok", "?!..."]}])
+    report = preflight([path], root)
+    assert not report.ok
+    assert report.files[0].empty_captions == 1
+    assert report.problems[0].index == 1
+    assert report.problems[0].problem == "caption '?!...' is empty after ALBEF's cleaning"

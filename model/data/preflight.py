@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
+from model.data.captions import pre_caption
 from model.data.prepare import PrepareError, iter_json_array
 
 logger = logging.getLogger(__name__)
@@ -161,9 +162,14 @@ def _caption_problems(caption: Any, stats: FileStats, votes: _FormatVotes) -> st
     else:
         return f"'caption' should be a string or a list of strings, got {type(caption).__name__}"
     stats.captions += len(captions)
-    empty = sum(1 for c in captions if not c.strip())
+    # ALBEF's cleaning deletes punctuation: "?!" or "..." train as an empty caption.
+    empty = sum(1 for c in captions if not pre_caption(c).strip())
     stats.empty_captions += empty
-    return "empty caption" if empty else None
+    if empty:
+        blank = next(c for c in captions if not pre_caption(c).strip())
+        return "empty caption" if not blank.strip() else \
+            f"caption {blank!r} is empty after ALBEF's cleaning"
+    return None
 
 
 def _entry_problem(entry: Any, stats: FileStats, votes: _FormatVotes) -> str | None:

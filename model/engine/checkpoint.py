@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.checkpoints import read_checkpoint
 from model.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
     path = checkpoint_path(run_dir)
     if not path.exists():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(path)  # tensors and plain data only (weights_only)
     if payload.get("config_hash") != config_hash and not force:
         raise RuntimeError(
             f"{path} was written by config {payload.get('config_hash')} but this run's config "
@@ -110,10 +111,12 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
     return state
 
 
-def load_objective_weights(objective: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_objective_weights(objective: nn.Module, path: str | Path, *,
+                           trust_pickle: bool = False) -> dict[str, Any]:
     """Load only the weights of a full checkpoint (e.g. to evaluate it); returns its payload
-    minus the tensors (config, state, hash) for provenance."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    minus the tensors (config, state, hash) for provenance. Safe (weights_only) loading unless
+    ``trust_pickle``: a file someone hands you must not run code on load."""
+    payload = read_checkpoint(path, trust_pickle=trust_pickle)
     if "objective" not in payload:
         raise ValueError(f"{path}: not a full training checkpoint (no 'objective' entry); "
                          "for official ALBEF files use model.checkpoints.load_albef_checkpoint")

@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (e.g. data.cache_dir=/data/cache)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of the checkpoint (trusted files only)")
     return p
 
 
@@ -452,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
         raise SystemExit(f"--image and --caption must pair up ({len(args.image)} images, "
                          f"{len(args.caption)} captions)")
     from model.build import build_objective
+    from model.checkpoints import CheckpointReadError
     from model.data.transforms import build_transform
     from model.engine.checkpoint import checkpoint_path, load_objective_weights
     from model.engine.data import build_tokenizer, resolve_sources, special_ids
@@ -464,7 +467,10 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
     ckpt = args.checkpoint or checkpoint_path(run_dir)
     if not Path(ckpt).is_file():
         raise SystemExit(f"no checkpoint at {ckpt} (pass --checkpoint)")
-    load_objective_weights(objective, ckpt)
+    try:
+        load_objective_weights(objective, ckpt, trust_pickle=args.trust_pickle)
+    except CheckpointReadError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     student = objective.student.to(args.device).eval()
 
     if args.image:
