@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--status", action="store_true",
                    help="print the state of every planned run (run directories, submitit "
                    "logs, sacct) and exit")
+    p.add_argument("--force", action="store_true",
+                   help="submit runs even when a job for them still looks alive (queued or "
+                   "running) - a run directory still never gets two trainers at once")
     p.add_argument("--preflight-dist", action="store_true",
                    help="run a short job per resource tier that checks the distributed layout "
                    "(ranks, devices, rendezvous, collectives); exit 1 if any check fails")
@@ -156,6 +159,22 @@ def _submit_slurm(todo: list[RunSpec], args: argparse.Namespace) -> int:
     return failures
 
 
+def alive_runs(specs: Sequence[RunSpec]) -> dict[str, str]:
+    """Runs that something is working on now: a trainer holding the run's lock, or a queued /
+    running job in the grid's submissions that the scheduler (or the local pid) confirms."""
+    from model.engine.run_lock import lock_holder
+    from slurm.launch import grid_folder
+    from slurm.status import grid_status
+
+    alive = {s.run_id: f"trained by {holder}" for s in specs
+             if (holder := lock_holder(s.run_dir)) is not None}
+    status = grid_status(grid_folder(specs), specs=specs)
+    for row in status.itertuples():
+        if row.scheduler and row.state in ("running", "pending", "requeued"):
+            alive.setdefault(row.run_id, f"job {row.job_id} is {row.scheduler}")
+    return alive
+
+
 def _print_status(specs: list[RunSpec]) -> int:
     from slurm.launch import grid_folder
     from slurm.status import format_status, grid_status
@@ -227,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ndry run: {len(specs)} runs validated, nothing submitted")
         return 0
     todo = [s for s in specs if run_status(s.run_dir) != "done"]
+    if todo and not args.collect_only and not args.force:
+        alive = alive_runs(todo)
+        for run_id, why in alive.items():
+            print(f"skipping {run_id}: {why} (--force submits it anyway)")
+        todo = [s for s in todo if s.run_id not in alive]
     failures, t0 = 0, time.time()
     if todo and not args.collect_only:
         print(f"\n{len(todo)} runs to do ({len(specs) - len(todo)} already done)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -78,19 +79,37 @@ def run_local(specs: Sequence[RunSpec], cluster: Cluster, max_parallel: int,
 
     folder = grid_folder(specs)
     pending, running, finished = list(specs), [], []
-    while pending or running:
-        while pending and len(running) < max(1, max_parallel):
-            spec = pending.pop(0)
-            ex = make_executor(cluster, folder / ".submitit", tier, f"{spec.grid}:{spec.cell}")
-            sub = Submission(spec, ex.submit(CellJob(), spec))
-            _record(folder, [sub], cluster)
-            running.append(sub)
-        time.sleep(0.5 if cluster != "debug" else 0)
-        for sub in [s for s in running if s.job.done()]:
-            running.remove(sub)
-            finished.append(sub)
-            on_done(sub, _exception(sub))
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, max_parallel):
+                spec = pending.pop(0)
+                ex = make_executor(cluster, folder / ".submitit", tier,
+                                   f"{spec.grid}:{spec.cell}")
+                sub = Submission(spec, ex.submit(CellJob(), spec))
+                _record(folder, [sub], cluster)
+                running.append(sub)
+            time.sleep(0.5 if cluster != "debug" else 0)
+            for sub in [s for s in running if s.job.done()]:
+                running.remove(sub)
+                finished.append(sub)
+                on_done(sub, _exception(sub))
+    except KeyboardInterrupt:
+        _stop(running)
+        raise
     return finished
+
+
+def _stop(running: Sequence[Submission]) -> None:
+    """Ctrl-C on a local grid stops its workers too (they would otherwise keep training)."""
+    for sub in running:
+        try:
+            sub.job.cancel(check=False)
+        except Exception as exc:  # noqa: BLE001 - report and go on stopping the others
+            print(f"could not stop {sub.spec.run_id} (job {sub.job.job_id}): {exc}; "
+                  f"stop it with: kill {sub.job.job_id}", file=sys.stderr)
+            continue
+        print(f"stopped {sub.spec.run_id} (job {sub.job.job_id}); rerunning the grid resumes "
+              "it from its last checkpoint", file=sys.stderr)
 
 
 def _exception(sub: Submission) -> BaseException | None:

@@ -7,8 +7,10 @@ traceback tail (kept for the status view) and is re-raised.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +35,7 @@ from model.engine.run_io import (
     late_training_means,
     write_json_atomic,
 )
+from model.engine.run_lock import RunLock
 from model.engine.train import Trainer, train
 
 log = logging.getLogger(__name__)
@@ -93,16 +96,29 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
 
         return read_json(run_dir / RESULT)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FAILED).unlink(missing_ok=True)  # a resubmission gets a fresh chance
-    try:
-        return _run(cfg, run_dir, identity or {}, device, progress, stop_after)
-    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
-        if not isinstance(exc, KeyboardInterrupt | SystemExit):
-            tail = "".join(traceback.format_exception(exc))[-4000:]
-            (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n\n{tail}")
-        raise
-    finally:
-        cleanup_distributed()
+    # One trainer per run: a second job on this directory stops here (RunLocked names the
+    # holder) before it touches anything. Rank 0 holds the lock for the whole job.
+    lock = RunLock(run_dir) if _launch_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        (run_dir / FAILED).unlink(missing_ok=True)  # a resubmission gets a fresh chance
+        try:
+            return _run(cfg, run_dir, identity or {}, device, progress, stop_after)
+        except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
+            if not isinstance(exc, KeyboardInterrupt | SystemExit):
+                tail = "".join(traceback.format_exception(exc))[-4000:]
+                (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n\n{tail}")
+            raise
+        finally:
+            cleanup_distributed()
+
+
+def _launch_rank() -> int:
+    """This process's global rank from the launcher's environment (before torch.distributed
+    is initialised): torchrun's RANK, SLURM's SLURM_PROCID, else 0."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
