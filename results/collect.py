@@ -25,7 +25,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("done", "failed", "running", "missing")
+STATUSES = ("done", "diverged", "failed", "running", "missing")
 # Per-run columns of the tidy frame (each repeated on every metric row of the run).
 RUN_COLUMNS = (
     "grid cell seed run_id config_hash recipe_hash preset status created split n_images n_texts "
@@ -80,6 +80,10 @@ def _run_status(run_dir: Path, result: dict[str, Any] | None) -> tuple[str, str]
         text = (run_dir / "FAILED").read_text(errors="replace").strip()
         return "failed", (text.splitlines()[0][:200] if text else "FAILED marker")
     if (run_dir / "DONE").exists():
+        if result is not None and result.get("status") == "diverged":
+            # Finished, but its loss blew up: its numbers never reach a table.
+            reason = (result.get("diverged") or {}).get("reason", "finite blow-up")
+            return "diverged", str(reason)[:200]
         if result is None or result.get("status") != "done":
             # A DONE marker without a usable result cannot feed a table; surface it as failed.
             return "failed", "DONE marker but no usable result.json"

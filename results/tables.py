@@ -200,7 +200,7 @@ def _status_text(statuses: dict[int, str]) -> str:
         return kinds.pop() if kinds else "missing"
     parts = [
         f"{kind}: " + ",".join(f"s{s}" for s, k in sorted(statuses.items()) if k == kind)
-        for kind in ("done", "failed", "running", "missing")
+        for kind in ("done", "diverged", "failed", "running", "missing")
         if kind in kinds
     ]
     return "; ".join(parts)
@@ -471,7 +471,7 @@ def write_summary(results: dict[str, TableResult], path: Path, paper: PaperNumbe
     parts = [f"### {r.spec.title}\n\n{r.markdown}" for r in results.values()]
     note = (
         f"Paper columns: {paper.source}. Status lists seeds per state "
-        f'(done/failed/running/missing); "{DASH}" means no finished seed.\n'
+        f'(done/diverged/failed/running/missing); "{DASH}" means no finished seed.\n'
     )
     Path(path).write_text("\n".join(parts) + "\n" + note)
     return Path(path)

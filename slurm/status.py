@@ -202,7 +202,7 @@ def query_sacct(job_ids: Sequence[str], since: str | None = None,
 class DiskView:
     """What the run directory says."""
 
-    kind: str  # done / bad-done / failed / started / absent
+    kind: str  # done / diverged / bad-done / failed / started / absent
     detail: str = ""
     last_step: int | None = None
     last_loss: float | None = None
@@ -242,6 +242,8 @@ def _result(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return None, f"{DONE} marker but {RESULT} is unreadable ({exc})"
+    if isinstance(data, dict) and data.get("status") == "diverged":
+        return data, str((data.get("diverged") or {}).get("reason", "finite blow-up"))
     if not isinstance(data, dict) or data.get("status", "done") != "done":
         return None, f"{DONE} marker but {RESULT} is not a finished result"
     return data, ""
@@ -259,7 +261,8 @@ def read_disk(run_dir: Path) -> DiskView:
         result, why = _result(run_dir)
         if result is None:
             return DiskView("bad-done", why, step, loss, time_s)
-        return DiskView("done", "", step, loss, result.get("wall_s", time_s))
+        kind = "diverged" if result.get("status") == "diverged" else "done"
+        return DiskView(kind, why, step, loss, result.get("wall_s", time_s))
     return DiskView("started", "", step, loss, time_s)
 
 
@@ -304,6 +307,8 @@ def classify(disk: DiskView, sched: SchedulerView | None) -> tuple[str, str]:
         return ("diverged" if disk.detail.startswith("Diverged:") else "failed"), disk.detail
     if disk.kind == "bad-done":
         return "failed", disk.detail
+    if disk.kind == "diverged":  # finished with a finite blow-up (model/engine/guard.py)
+        return "diverged", disk.detail
     if disk.kind == "done":
         if cat == "failed":  # wrote its result, then died: the scheduler has the last word
             return "failed", f"{DONE} written but the job ended {sched.describe()}"

@@ -289,8 +289,16 @@ class TrainConfig:
     # default (10 min NCCL, 30 min gloo). It also bounds the distributed evaluation's
     # collectives, so keep it above the slowest rank's evaluation share.
     dist_timeout_min: float | None = None
+    # A finite blow-up: the run is marked ``diverged`` (result.json, status view, tables) when a
+    # logged total loss exceeds this multiple of its early value (the smallest of the first
+    # three logged losses); None turns the check off. It only judges the run, so it is not part of
+    # the run's identity (model/config/experiment.py HASH_EXCLUDE).
+    blowup_factor: float | None = 10.0
 
     def __post_init__(self) -> None:
+        if self.blowup_factor is not None:
+            _check(self.blowup_factor > 1.0, "blowup_factor",
+                   f"must be > 1 (a multiple of the early loss) or null, got {self.blowup_factor}")
         if self.dist_timeout_min is not None:
             _check(self.dist_timeout_min > 0, "dist_timeout_min",
                    f"must be > 0 minutes, got {self.dist_timeout_min}")

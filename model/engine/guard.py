@@ -67,3 +67,28 @@ def total_grad_norm(parameters: Sequence[torch.nn.Parameter]) -> Tensor:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float())
                                                  for g in grads]))
+
+
+EARLY_WINDOW = 3  # logged steps whose smallest loss is the early loss
+
+
+def detect_blowup(rows: Sequence[Mapping[str, float]], factor: float | None,
+                  key: str = "loss/total") -> dict[str, float] | None:
+    """The first logged step whose ``key`` exceeds ``factor`` x the early value (the smallest
+    of the first :data:`EARLY_WINDOW` logged values: a loss can blow up within them), as
+    ``{step, loss, early_loss, factor}``; None if there is none (or the check is off).
+    Non-finite losses are the guard's business: they stop the run before this is asked."""
+    values = [(int(r["step"]), float(r[key])) for r in rows if key in r and "step" in r]
+    if factor is None or len(values) < 2:
+        return None
+    early = min(v for _, v in values[:EARLY_WINDOW])
+    for step, value in values[1:]:
+        if value > factor * early:
+            return {"step": step, "loss": value, "early_loss": early, "factor": factor}
+    return None
+
+
+def blowup_text(blowup: Mapping[str, float]) -> str:
+    return (f"finite blow-up at step {int(blowup['step'])}: total loss {blowup['loss']:.4g} > "
+            f"{blowup['factor']:g} x the early {blowup['early_loss']:.4g} "
+            "(train.blowup_factor); its metrics are not reported")

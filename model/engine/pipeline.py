@@ -24,6 +24,7 @@ from model.engine.checkpoint import checkpoint_path
 from model.engine.compositional import compositional_accuracy, load_negative_items
 from model.engine.data import build_eval_dataset, build_tokenizer
 from model.engine.distributed import barrier, cleanup_distributed
+from model.engine.guard import blowup_text, detect_blowup
 from model.engine.localisation import load_box_items, localisation_scores
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.run_io import (
@@ -33,6 +34,7 @@ from model.engine.run_io import (
     RESULT,
     append_jsonl,
     late_training_means,
+    train_rows,
     write_json_atomic,
 )
 from model.engine.run_lock import RunLock
@@ -142,6 +144,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     late = late_training_means(run_dir / METRICS, "itm/", summary.steps)
     metrics.update({k: 100.0 * v if k.endswith(("_acc", "shortcut")) else v
                     for k, v in late.items()})
+    blowup = detect_blowup(train_rows(run_dir / METRICS), cfg.train.blowup_factor)
+    if blowup is not None:
+        log.warning("%s: %s", run_dir.name, blowup_text(blowup))
     if tr.dist.is_main:
         append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
                                          "split": provenance["split"], **metrics})
@@ -158,7 +163,10 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     if not is_main:
         return {"status": "done", "rank": rank}
     result = {
-        **identity, "config_hash": config_hash, "status": "done", "metrics": metrics,
+        **identity, "config_hash": config_hash,
+        # A finite blow-up finishes (DONE: rerunning the same config would blow up again) but
+        # is marked, so that no table reports its numbers.
+        "status": "diverged" if blowup is not None else "done", "metrics": metrics,
         "provenance": provenance, "train_steps": summary.steps,
         "resumed_from": summary.resumed_from, "first_losses": summary.first_losses,
         "last_losses": summary.last_losses, "wall_s": time.time() - t0,
@@ -170,6 +178,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
                             **{name: {"metrics": s.metrics, "provenance": s.provenance}
                                for name, s in stages.items()}}
         result["metrics"], result["provenance"] = last.metrics, last.provenance
+    if blowup is not None:
+        result["diverged"] = {**blowup, "reason": blowup_text(blowup)}
     write_json_atomic(run_dir / RESULT, result)
     (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return result

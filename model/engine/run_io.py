@@ -55,6 +55,18 @@ def late_training_means(path: Path, prefix: str, total_steps: int,
             / sum(k in r for r in by_step.values()) for k in keys}
 
 
+def train_rows(path: Path) -> list[dict[str, Any]]:
+    """The logged training rows of ``metrics.jsonl`` by step (after a resume, the later row of
+    a step replaces the earlier one), in step order."""
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            record = json.loads(line)
+            if record.get("kind") == "train":
+                by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def git_revision(repo: Path | None = None) -> tuple[str, bool]:
     """(commit sha or 'unknown', dirty flag) of the code that runs."""
     cwd = repo or Path(__file__).resolve().parents[2]
