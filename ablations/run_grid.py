@@ -86,10 +86,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]:
     """Data paths of every distinct data config (synthetic data is generated, so skipped)."""
     from model.data.preflight import preflight
+    from model.pretrained import unavailable_sources
 
     errors, seen = [], set()
     for s in specs:
-        d = s.config.data
+        d, m = s.config.data, s.config.model
+        sources = unavailable_sources(m.text.init, m.vision.init,
+                                      None if d.kind == "synthetic" else d.tokenizer,
+                                      m.allow_download)
+        errors += [f"cell '{s.cell}': {p}" for p in sources
+                   if f"cell '{s.cell}': {p}" not in errors]
         key = (d.kind, d.train_files, d.image_root, d.eval_file)
         if d.kind == "synthetic" or key in seen:
             continue
@@ -106,6 +112,40 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
             if not report.ok:
                 errors.append(f"cell '{s.cell}': data preflight failed:\n{report.to_markdown()}")
     return errors
+
+
+def check_tiers(specs: Sequence[RunSpec], override: str | None) -> list[str]:
+    """Every resource tier the plan uses (and its SOFTMASK_SLURM_* overrides) must load."""
+    from slurm.resources import load_tier
+
+    errors = []
+    for name in sorted({s.tier for s in specs} | ({override} if override else set())):
+        try:
+            load_tier(name)
+        except ConfigError as exc:
+            errors += [str(e) for e in exc.errors]
+    return errors
+
+
+def check_slurm() -> list[str]:
+    """The SLURM client works from here: ``scontrol ping`` reaches a controller (it reads the
+    same configuration sbatch would: SLURM_CONF, /etc/slurm, or DNS for configless setups)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return ["--cluster slurm: sbatch / scontrol are not on PATH (no SLURM client here)"]
+    conf = os.environ.get("SLURM_CONF")
+    hint = (f"SLURM_CONF={conf}" if conf else "SLURM_CONF is not set")
+    try:
+        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return [f"--cluster slurm: `scontrol ping` did not answer within 30 s ({hint})"]
+    if proc.returncode == 0 and "UP" in proc.stdout:
+        return []
+    detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return [f"--cluster slurm: no SLURM controller reachable ({hint}; scontrol ping: "
+            f"{detail[0]}); export SLURM_CONF=/path/to/slurm.conf or run on a login node"]
 
 
 def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) -> int:
@@ -216,32 +256,57 @@ def regenerate_results(args: argparse.Namespace, specs: list[RunSpec]) -> int:
                          "--preset", args.preset, "--seeds", *seeds])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def plan(args: argparse.Namespace) -> tuple[list[RunSpec], list[str]]:
+    """The planned runs with their tier, and every problem found before anything is submitted
+    (data, weights, tokenizer, tiers, the SLURM client)."""
     seeds = range(args.seeds) if args.seeds is not None else (range(1) if args.preset == "tiny"
                                                              else None)
     tier = args.tier or ("cpu" if args.preset == "tiny" else None)
-    sets = list(args.sets)
+    specs = expand(args.matrix, args.preset, seeds, args.only, list(args.sets), args.runs_root)
+    if tier:
+        specs = [RunSpec(s.grid, s.cell, s.seed, s.config, s.config_hash, s.run_dir, tier,
+                         s.preset) for s in specs]
+    skip_data = args.collect_only or args.status or args.preflight_dist
+    errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
+    errors += check_tiers(specs, args.tier) if args.cluster == "slurm" or args.tier else []
+    if args.cluster == "slurm" and not (args.collect_only or args.status):
+        errors += check_slurm()
+    return specs, errors
+
+
+def _execute(todo: list[RunSpec], specs: list[RunSpec], args: argparse.Namespace
+             ) -> int | None:
+    """Run (locally) or submit (SLURM) ``todo``; the failure count, None if submitted and not
+    waited for."""
+    t0 = time.time()
+    print(f"\n{len(todo)} runs to do ({len(specs) - len(todo)} already done)")
+    if args.cluster == "slurm":
+        failures = _submit_slurm(todo, args)
+        if not args.wait:
+            return None
+    else:
+        failures = _run_local(todo, args, todo[0].tier)
+    print(f"grid finished in {time.time() - t0:.0f} s with {failures} failed run(s)")
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        specs = expand(args.matrix, args.preset, seeds, args.only, sets, args.runs_root)
-        if tier:
-            specs = [RunSpec(s.grid, s.cell, s.seed, s.config, s.config_hash, s.run_dir, tier,
-                             s.preset) for s in specs]
-        skip_data = args.collect_only or args.status or args.preflight_dist
-        errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
+        specs, errors = plan(args)
     except ConfigError as exc:
         print(f"error: invalid grid configuration:\n{exc}", file=sys.stderr)
         return 2
     if errors:
-        print("error: data checks failed:\n" + "\n".join(errors), file=sys.stderr)
+        print("error: checks failed, nothing was submitted:\n" + "\n".join(errors),
+              file=sys.stderr)
         return 2
     if args.status:
         return _print_status(specs)
     if args.preflight_dist:
         return _preflight_dist(specs, args.cluster)
-    plan = plan_table(specs)
-    print(plan.drop(columns=["run_dir"]).to_markdown(index=False))
+    print(plan_table(specs).drop(columns=["run_dir"]).to_markdown(index=False))
     if args.dry_run:
         print(f"\ndry run: {len(specs)} runs validated, nothing submitted")
         return 0
@@ -251,19 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run_id, why in alive.items():
             print(f"skipping {run_id}: {why} (--force submits it anyway)")
         todo = [s for s in todo if s.run_id not in alive]
-    failures, t0 = 0, time.time()
+    failures = 0
     if todo and not args.collect_only:
-        print(f"\n{len(todo)} runs to do ({len(specs) - len(todo)} already done)")
-        if args.cluster == "slurm":
-            failures = _submit_slurm(todo, args)
-            if not args.wait:
-                return 0
-        else:
-            failures = _run_local(todo, args, tier or specs[0].tier)
-        print(f"grid finished in {time.time() - t0:.0f} s with {failures} failed run(s)")
+        failures = _execute(todo, specs, args)
+        if failures is None:
+            return 0
     rc = regenerate_results(args, specs)
     return 1 if (failures or rc) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

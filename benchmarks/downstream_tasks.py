@@ -215,7 +215,7 @@ def write_outputs(frame: pd.DataFrame, runs: list[dict[str, Any]], out: Path) ->
     flat = frame.copy()
     flat.columns = [f"{c} ({k})" for c, k in frame.columns]
     text = caption(runs)
-    md = ["## Other downstream tasks", "", flat.to_markdown(disable_numparse=True), "", text, ""]
+    md = ["### Other downstream tasks (generated)", "", flat.to_markdown(disable_numparse=True), "", text, ""]
     (out / "other_downstream.md").write_text("\n".join(md))
     flat.to_csv(out / "other_downstream.csv")
     tex = flat.to_latex(caption=text.replace("%", "\\%").replace("±", "$\\pm$"),
@@ -244,7 +244,8 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     priors = runs[0]["priors"] if runs else {}
     for j, column in enumerate(columns):
         task = next(n for (n, _), c in COLUMNS.items() if c == column)
-        for value, style in ((priors.get(task), ":"), (CHANCE.get(task), "--")):
+        prior = priors.get(task) if column in TEST_COLUMNS else None  # measured on test
+        for value, style in ((prior, ":"), (CHANCE.get(task), "--")):
             if value is not None:
                 ax.hlines(value, j - 0.45, j + 0.45, colors="grey", linestyles=style)
     ax.set_xticks(range(len(columns)), columns, fontsize=8)

@@ -247,3 +247,53 @@ def load_vit_weights(
         copy_student_to_teacher(student_or_objective, ("visual_encoder",))
         report.notes.append("momentum twin's visual encoder set equal to the student")
     return report
+
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def _in_hub_cache(name: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _timm_in_hub_cache(name: str) -> bool:
+    """Whether timm's hub repository for model ``name`` is in the local hub cache."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        return False
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return bool(repo) and any(_in_hub_cache(repo, f) for f in
+                              ("model.safetensors", "pytorch_model.bin"))
+
+
+def unavailable_sources(text_init: str | None, vision_init: str | None, tokenizer: str | None,
+                        allow_download: bool) -> list[str]:
+    """What the run would fail to read, checked before anything is submitted: each of
+    ``model.text.init``, ``model.vision.init`` and ``data.tokenizer`` must be an existing local
+    path, or a hub name that is in the local hub cache (BERT / tokenizer) or may be downloaded
+    (``model.allow_download``). One message per problem, naming the key."""
+    items = [("model.text.init", text_init, "config.json"),
+             ("model.vision.init", vision_init, None),
+             ("data.tokenizer", tokenizer, "vocab.txt")]
+    problems = []
+    for key, value, hub_file in items:
+        if value is None or Path(value).expanduser().exists():
+            continue
+        if value.startswith(_PATH_PREFIXES) or Path(value).suffix:
+            problems.append(f"{key}: {value} does not exist (expected a local file or "
+                            "directory)")
+        elif not allow_download and not (
+                _in_hub_cache(value, hub_file) if hub_file else _timm_in_hub_cache(value)):
+            problems.append(
+                f"{key}: {value!r} is a hub name that is not in the local cache and "
+                "model.allow_download is false; point it at a local file or directory, or set "
+                "model.allow_download=true (needs internet on the machines that train)")
+    return problems

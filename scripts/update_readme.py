@@ -4,7 +4,9 @@
 
 Sections: ``<!-- ablation-tables:begin/end -->`` <- results/generated/summary.md,
 ``<!-- seeds-table:begin/end -->`` <- results/tiny_3seeds/generated/component_ablation.md and
-``<!-- cost-table:begin/end -->`` <- results/benchmarks/*/cost_table.md (each when present).
+``<!-- cost-table:begin/end -->`` <- results/benchmarks/*/cost_table.md and
+``<!-- downstream-table:begin/end -->`` <- results/downstream/other_downstream.md (each when
+present).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ SECTIONS = {
     "ablation-tables": [REPO / "results" / "generated" / "summary.md"],
     "seeds-table": [REPO / "results" / "tiny_3seeds" / "generated" / "component_ablation.md"],
     "cost-table": sorted((REPO / "results" / "benchmarks").glob("*/cost_table.md")),
+    "downstream-table": [REPO / "results" / "downstream" / "other_downstream.md"],
 }
 
 

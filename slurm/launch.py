@@ -59,14 +59,16 @@ def submit_slurm(specs: Sequence[RunSpec], max_parallel: int | None,
     by_tier: dict[str, list[RunSpec]] = defaultdict(list)
     for s in specs:
         by_tier[s.tier].append(s)
+    # Every tier loads before the first array is submitted: all or nothing.
+    tiers = {name: tier_override or load_tier(name) for name in by_tier}
     subs: list[Submission] = []
     for tier_name, group in by_tier.items():
-        tier = tier_override or load_tier(tier_name)
-        ex = make_executor("slurm", folder / ".submitit", tier, f"{group[0].grid}:{tier_name}",
-                           array_parallelism=max_parallel)
+        ex = make_executor("slurm", folder / ".submitit", tiers[tier_name],
+                           f"{group[0].grid}:{tier_name}", array_parallelism=max_parallel)
         jobs = ex.map_array(CellJob(), group)
-        subs += [Submission(s, j) for s, j in zip(group, jobs, strict=True)]
-    _record(folder, subs, "slurm")
+        array = [Submission(s, j) for s, j in zip(group, jobs, strict=True)]
+        _record(folder, array, "slurm")  # recorded the moment it exists
+        subs += array
     return subs
 
 

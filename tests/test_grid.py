@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from conftest import tiny_grid_sets
 
 from ablations import run_grid
 from ablations.grid import MATRIX_FILE, expand, load_matrix
+from model.config.loader import ConfigError
 
 PAPER_CELLS = {"albef", "softmask", "focal", "mmda", "softmask_focal", "softmask_mmda",
                "focal_mmda", "full", "randmask_p03", "randmask_p05", "full_mlm"}
@@ -93,6 +95,51 @@ def test_dry_run_rejects_missing_data_path(capsys, tmp_path: Path) -> None:
     err = capsys.readouterr().err
     assert rc == 2
     assert f"{tmp_path}/nope.json" in err and "data.train_files" in err
+
+
+def test_dry_run_names_unreadable_weights_tokenizer_and_tiers(capsys, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Everything a job would fail on later is reported by the dry run, together."""
+    monkeypatch.setenv("SOFTMASK_SLURM_TIMEOUT_MIN", "abc")
+    rc = run_grid.main(["--dry-run", "--only", "albef", "--tier", "nosuch", "--runs-root",
+                        str(tmp_path), "--set", f"model.text.init={tmp_path}/bert",
+                        "--set", "model.vision.init=deit_base_patch16_224"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nothing was submitted" in err
+    assert f"model.text.init: {tmp_path}/bert does not exist" in err
+    assert "model.vision.init: 'deit_base_patch16_224' is a hub name" in err
+    assert "model.allow_download" in err
+    assert "unknown resource tier 'nosuch'" in err
+    rc = run_grid.main(["--dry-run", "--only", "albef", "--tier", "cpu", "--runs-root",
+                        str(tmp_path)])
+    assert rc == 2 and "SOFTMASK_SLURM_TIMEOUT_MIN: expected an integer, got 'abc'" in \
+        capsys.readouterr().err
+    monkeypatch.delenv("SOFTMASK_SLURM_TIMEOUT_MIN")
+    rc = run_grid.main(["--dry-run", "--only", "albef", "--runs-root", str(tmp_path),
+                        "--set", "model.vision.init=deit_base_patch16_224",
+                        "--set", "model.allow_download=true"])
+    assert rc == 0  # allowed to download: the hub name is fine
+
+
+def test_slurm_without_a_reachable_controller_is_named(capsys, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    rc = run_grid.main(["--dry-run", "--cluster", "slurm", "--tier", "cpu", "--only", "albef",
+                        "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cluster slurm:" in err
+    assert "SLURM_CONF is not set" in err or "not on PATH" in err
+
+
+def test_submission_is_all_or_nothing_across_tiers(tmp_path: Path) -> None:
+    from slurm.launch import submit_slurm
+
+    specs = expand(preset="tiny", seeds=[0], only=["albef", "full"], runs_root=tmp_path)
+    specs = [dataclasses.replace(s, tier=t) for s, t in zip(specs, ["cpu", "nosuch"],
+                                                             strict=True)]
+    with pytest.raises(ConfigError, match="unknown resource tier 'nosuch'"):
+        submit_slurm(specs, None)
+    assert not (tmp_path / "softmask_ablation" / "submissions.jsonl").exists()
 
 
 def test_dry_run_rejects_bad_matrix_key(capsys, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from model.config.schema import ExperimentConfig
 
 # Settings that change where or how fast a run goes, not what it computes.
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
-                "train.dist_timeout_min", "train.blowup_factor")
+                "train.dist_timeout_min", "train.blowup_factor", "model.allow_download")
 
 
 def load_experiment(

@@ -102,6 +102,11 @@ class ModelConfig:
     # from random init (the tiny preset): enqueuing the near-identical features of an untrained
     # encoder fills the queue with copies of the positives' direction and stalls learning.
     queue_warmup_steps: int = 0
+    # Hub names in vision.init / text.init / data.tokenizer may be downloaded only when this is
+    # true (default: only local files and the local hub cache are read, and the dry run says
+    # which name would need the network). Where weights come from is not what a run computes,
+    # so it is not part of the run's identity.
+    allow_download: bool = False
 
     def __post_init__(self) -> None:
         _check(self.queue_warmup_steps >= 0, "queue_warmup_steps",

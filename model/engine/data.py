@@ -32,6 +32,7 @@ class DataSources:
     synthetic: bool
     # Object boxes of the evaluation images (synthetic data only): Grad-CAM localisation.
     boxes_file: Path | None = None
+    allow_download: bool = False  # model.allow_download: a hub tokenizer may be fetched
 
 
 def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
@@ -58,6 +59,7 @@ def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) ->
         tuple(Path(f) for f in d.train_files), Path(d.image_root),
         Path(d.eval_file) if d.eval_file else None, d.eval_format,
         Path(d.negatives_file) if d.negatives_file else None, d.tokenizer, False,
+        allow_download=cfg.model.allow_download,
     )
 
 
@@ -65,7 +67,8 @@ def build_tokenizer(sources: DataSources) -> TextTokenizer:
     """Locally built WordPiece vocab for synthetic data; a BERT tokenizer otherwise."""
     if sources.synthetic:
         return TextTokenizer.from_vocab_file(sources.tokenizer)
-    return TextTokenizer.from_pretrained(str(sources.tokenizer))
+    return TextTokenizer.from_pretrained(str(sources.tokenizer),
+                                         local_files_only=not sources.allow_download)
 
 
 def special_ids(tokenizer: TextTokenizer) -> SpecialIds:

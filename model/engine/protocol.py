@@ -626,6 +626,14 @@ def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConf
                        experiment_hash(stage_cfg))
 
 
+def _method_switches(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Which of the cell's method switches were on, and that the task fine-tuning uses none."""
+    return {"softmask": cfg.softmask.mode, "focal_gamma": cfg.loss.focal_gamma,
+            "mmda": cfg.mmda.enabled,
+            "applied_in_fine_tuning": "none: the task objectives have no ITC / ITM / MLM term; "
+                                      "the cell differs only by its pre-trained checkpoint"}
+
+
 def _task_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
                 stage_dir: Path, init: Path, init_size: int, identity: dict[str, Any],
                 device: str | None) -> StageResult | None:
@@ -640,7 +648,8 @@ def _task_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConf
                       identity=identity)
     if init_distributed(device, stage_cfg.train.dist_timeout_min).is_main:
         provenance = {**_stage_provenance(registry, name, stage_cfg, init, init_size),
-                      **result.provenance, "task_config": to_dict(task)}
+                      **result.provenance, "task_config": to_dict(task),
+                      "method_switches": _method_switches(stage_cfg)}
         return StageResult(name, result.metrics, provenance, stage_dir,
                            stage_dir / "task_checkpoint.pt", True, experiment_hash(stage_cfg),
                            int(result.provenance.get("train_steps", 0)))

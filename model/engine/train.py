@@ -126,10 +126,11 @@ def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
         return
     from model.pretrained import load_bert_weights, load_vit_weights
 
+    local = not cfg.model.allow_download
     if cfg.model.text.init is not None:
-        load_bert_weights(objective, cfg.model.text.init)
+        load_bert_weights(objective, cfg.model.text.init, local_files_only=local)
     if cfg.model.vision.init is not None:
-        load_vit_weights(objective, cfg.model.vision.init)
+        load_vit_weights(objective, cfg.model.vision.init, local_files_only=local)
 
 
 def _scalars(out: StepOutput) -> dict[str, float]:
