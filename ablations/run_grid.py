@@ -204,7 +204,7 @@ def alive_runs(specs: Sequence[RunSpec]) -> dict[str, str]:
     running job in the grid's submissions that the scheduler (or the local pid) confirms."""
     from model.engine.run_lock import lock_holder
     from slurm.launch import grid_folder
-    from slurm.status import grid_status
+    from slurm.status import grid_status, queued_jobs
 
     alive = {s.run_id: f"trained by {holder}" for s in specs
              if (holder := lock_holder(s.run_dir)) is not None}
@@ -212,6 +212,11 @@ def alive_runs(specs: Sequence[RunSpec]) -> dict[str, str]:
     for row in status.itertuples():
         if row.scheduler and row.state in ("running", "pending", "requeued"):
             alive.setdefault(row.run_id, f"job {row.job_id} is {row.scheduler}")
+    # Just-submitted jobs may not be in the accounting yet: the live queue has them.
+    unsure = {r.job_id: r.run_id for r in status.itertuples()
+              if r.job_id and r.run_id not in alive and r.state != "finished"}
+    for job_id in queued_jobs(list(unsure)):
+        alive.setdefault(unsure[job_id], f"job {job_id} is in the SLURM queue")
     return alive
 
 

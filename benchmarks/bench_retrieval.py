@@ -43,6 +43,7 @@ from model.engine.retrieval import (
     eval_mode,
     itc_scores,
     rerank_itm,
+    rerank_itm_dedup,
     rerank_itm_loop,
 )
 
@@ -104,20 +105,33 @@ def _timed(fn: Callable[[], tuple[Tensor, Tensor]], device: torch.device
 
 def bench_rerank(model: ALBEF, feats: RetrievalFeatures, k: int, batch_size: int,
                  repeats: int, device: torch.device) -> dict[str, Any]:
-    """Interleaved batched/loop re-ranking runs: medians, speed-up and score agreement."""
+    """Interleaved runs of the three re-rankers (per-direction batched, deduplicated and
+    length-sorted, ALBEF's per-query loop): medians, speed-ups, the share of pairs the dedupe
+    saves, and the largest score difference to the loop."""
     sim = itc_scores(feats)
-    batched_t, loop_t, diff = [], [], 0.0
+    times: dict[str, list[float]] = {"batched": [], "dedupe": [], "loop": []}
+    diff, stats = 0.0, {}
     for _ in range(repeats):
         t, (b_i2t, b_t2i) = _timed(lambda: rerank_itm(model, feats, sim, k, batch_size), device)
-        batched_t.append(t)
+        times["batched"].append(t)
+        start = time.perf_counter()
+        d_i2t, d_t2i, stats = rerank_itm_dedup(model, feats, sim, k, batch_size)
+        synchronize(device)
+        times["dedupe"].append(time.perf_counter() - start)
         t, (l_i2t, l_t2i) = _timed(lambda: rerank_itm_loop(model, feats, sim, k), device)
-        loop_t.append(t)
-        diff = max(diff, (b_i2t - l_i2t).abs().max().item(), (b_t2i - l_t2i).abs().max().item())
-    batched, loop = float(np.median(batched_t)), float(np.median(loop_t))
+        times["loop"].append(t)
+        diff = max(diff, *((a - b).abs().max().item() for a, b in
+                           ((b_i2t, l_i2t), (b_t2i, l_t2i), (d_i2t, l_i2t), (d_t2i, l_t2i))))
+    med = {name: float(np.median(v)) for name, v in times.items()}
     n_queries = feats.n_images + feats.n_texts
-    return {"batched_s": batched, "loop_s": loop, "speedup": loop / batched,
-            "batched_queries_per_s": n_queries / batched, "loop_queries_per_s": n_queries / loop,
-            "batched_s_spread": float(np.ptp(batched_t)), "loop_s_spread": float(np.ptp(loop_t)),
+    return {"batched_s": med["batched"], "dedupe_s": med["dedupe"], "loop_s": med["loop"],
+            "speedup": med["loop"] / med["batched"],
+            "dedupe_speedup": med["loop"] / med["dedupe"],
+            "dedupe_share": stats.get("dedupe_share", 0.0),
+            "pairs": stats.get("pairs", 0.0), "unique_pairs": stats.get("unique_pairs", 0.0),
+            "batched_queries_per_s": n_queries / med["batched"],
+            "loop_queries_per_s": n_queries / med["loop"],
+            **{f"{name}_s_spread": float(np.ptp(v)) for name, v in times.items()},
             "max_abs_score_diff": diff}
 
 
@@ -146,12 +160,14 @@ def run_retrieval_benchmark(preset: str, n_images: int, k: int, batch_size: int,
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "retrieval.csv", index=False)
     shown = df[["preset", "images", "captions", "k_test", "rerank_batch", "feature_s",
-                "batched_s", "loop_s", "speedup", "max_abs_score_diff"]]
+                "loop_s", "batched_s", "speedup", "dedupe_s", "dedupe_speedup", "dedupe_share",
+                "max_abs_score_diff"]]
     caption = (f"Retrieval evaluation on {device_name(dev)} ({row['threads']} threads): "
                f"median of {repeats} interleaved runs per re-ranker; feature extraction once; "
                f"torch {row['torch_version']}, git {row['git_sha']}.")
     (out / "retrieval.md").write_text(render_markdown(
         shown, {"feature_s": ".2f", "batched_s": ".2f", "loop_s": ".2f", "speedup": ".1f",
+                "dedupe_s": ".2f", "dedupe_speedup": ".1f", "dedupe_share": ".3f",
                 "max_abs_score_diff": ".2e"}, caption), encoding="utf-8")
     return df
 
@@ -159,7 +175,8 @@ def run_retrieval_benchmark(preset: str, n_images: int, k: int, batch_size: int,
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: time both re-rankers on a synthetic split and print the Markdown table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval",
-                                     description="Retrieval re-ranking: batched vs loop.")
+                                     description="Retrieval re-ranking: batched and "
+                                                 "deduplicated vs ALBEF's loop.")
     parser.add_argument("--preset", default="tiny", help="a model name from cases.yaml")
     parser.add_argument("--images", type=int, default=200, help="N (captions: 5N)")
     parser.add_argument("--k", type=int, default=16, help="k_test: candidates per query")

@@ -215,7 +215,8 @@ def write_outputs(frame: pd.DataFrame, runs: list[dict[str, Any]], out: Path) ->
     flat = frame.copy()
     flat.columns = [f"{c} ({k})" for c, k in frame.columns]
     text = caption(runs)
-    md = ["### Other downstream tasks (generated)", "", flat.to_markdown(disable_numparse=True), "", text, ""]
+    md = ["### Other downstream tasks (generated)", "",
+          flat.to_markdown(disable_numparse=True), "", text, ""]
     (out / "other_downstream.md").write_text("\n".join(md))
     flat.to_csv(out / "other_downstream.csv")
     tex = flat.to_latex(caption=text.replace("%", "\\%").replace("±", "$\\pm$"),

@@ -195,6 +195,21 @@ def query_sacct(job_ids: Sequence[str], since: str | None = None,
     return parse_sacct(proc.stdout, job_ids)
 
 
+def queued_jobs(job_ids: Sequence[str], timeout_s: float = SACCT_TIMEOUT_S) -> set[str]:
+    """Which of these SLURM job ids the controller holds now (pending, running, ...), from
+    ``squeue``: live, without the accounting delay sacct can have right after a submission."""
+    bases = sorted({m.group("base") for j in job_ids if (m := _SLURM_ID.match(j))}, key=int)
+    if not bases:
+        return set()
+    cmd = ["squeue", "-h", "-j", ",".join(bases), "-o", "%i"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    listed = set(proc.stdout.split()) if proc.returncode == 0 else set()
+    return {j for j in job_ids if j in listed or any(_matches(x, j) for x in listed)}
+
+
 # --------------------------------------------------------------------------- disk
 
 

@@ -96,3 +96,24 @@ def test_slurm_cancelled_cell_loses_nothing_else(slurm_env, tmp_path: Path,
     table = (out / "generated" / "component_ablation.md").read_text()
     mmda_row = next(line for line in table.splitlines() if line.startswith("| mmda "))
     assert "—" in mmda_row and "running" in mmda_row  # cancelled mid-run: no result, marked
+
+
+def test_a_second_submission_of_a_queued_or_running_run_is_skipped(
+        slurm_env, tmp_path: Path, synthetic_cache: Path, capsys) -> None:
+    """Submitting the same grid twice on SLURM must not train one run twice at once."""
+    runs = tmp_path / "runs"
+    args = ["--cluster", "slurm", "--tier", "cpu", "--only", "albef", "--seeds", "1",
+            "--runs-root", str(runs), "--results-out", str(tmp_path / "out")]
+    for item in tiny_grid_sets(synthetic_cache, epochs=6):
+        args += ["--set", item]
+    assert run_grid.main(args) == 0  # submitted, not waited for
+    first = capsys.readouterr().out
+    assert "submitted albef__s0__" in first
+    assert run_grid.main(args) == 0
+    second = capsys.readouterr().out
+    assert "skipping albef__s0__" in second and "submitted" not in second
+    lines = (runs / "softmask_ablation" / "submissions.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    (spec,) = expand(preset="tiny", seeds=[0], only=["albef"],
+                     sets=tiny_grid_sets(synthetic_cache, epochs=6), runs_root=runs)
+    wait_until(lambda: (spec.run_dir / "DONE").exists(), 300, "the first submission to finish")

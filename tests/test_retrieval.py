@@ -232,6 +232,63 @@ def test_batched_rerank_equals_loop(model: ALBEF, features: RetrievalFeatures,
                            ref.masked_fill(~scored, -1e9).argsort(dim=1, stable=True))
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_deduplicated_rerank_equals_loop_and_scores_each_pair_once(
+        model: ALBEF, features: RetrievalFeatures, batch_size: int, monkeypatch) -> None:
+    """Each (image, caption) pair in both directions' top-k is one fusion pass; the scores,
+    the scored cells and the rankings are the loop's."""
+    sim = itc_scores(features)
+    calls: list[int] = []
+    real = retrieval.itm_match_logit
+
+    def counting(net, image_tokens, text_states, text_mask):
+        calls.append(image_tokens.shape[0])  # pairs in this fusion call
+        return real(net, image_tokens, text_states, text_mask)
+
+    monkeypatch.setattr(retrieval, "itm_match_logit", counting)
+    i2t, t2i, stats = retrieval.rerank_itm_dedup(model, features, sim, k_test=8,
+                                                 batch_size=batch_size)
+    monkeypatch.setattr(retrieval, "itm_match_logit", real)
+    loop = rerank_itm_loop(model, features, sim, k_test=8)
+    for fast, ref in zip((i2t, t2i), loop, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        scored = ref != UNSCORED
+        assert torch.equal(fast != UNSCORED, scored)
+        assert torch.equal(fast.masked_fill(~scored, -1e9).argsort(dim=1, stable=True),
+                           ref.masked_fill(~scored, -1e9).argsort(dim=1, stable=True))
+    # Independent count: pairs in the image->text top-k or the text->image top-k (or both).
+    both = (loop[0] != UNSCORED) | (loop[1] != UNSCORED).t()
+    total = int((loop[0] != UNSCORED).sum() + (loop[1] != UNSCORED).sum())
+    assert sum(calls) == int(both.sum()) == stats["unique_pairs"]
+    assert stats["pairs"] == total
+    assert stats["dedupe_share"] == pytest.approx(1 - int(both.sum()) / total)
+    assert stats["dedupe_share"] > 0  # on this split many pairs are top-k both ways
+
+
+def test_deduplicated_rerank_on_a_hand_built_split() -> None:
+    """Two images, three captions, k = 1: image 0's best caption is 1 and caption 1's best image
+    is 0, so that pair is scored once for both directions."""
+
+    class Fixed(torch.nn.Module):
+        def itm_logits(self, fused):
+            return fused[:, 0, :2]
+
+        def fuse(self, states, mask, image):
+            out = states + image[:, :1, :states.shape[-1]]
+            return type("F", (), {"hidden": out})()
+
+    feats = RetrievalFeatures(
+        image_tokens=torch.tensor([[[0.0, 1.0]], [[0.0, 2.0]]]),
+        image_feat=torch.eye(2), text_feat=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]),
+        text_states=torch.tensor([[[0.0, 10.0]], [[0.0, 20.0]], [[0.0, 30.0]]]),
+        text_mask=torch.ones(3, 1, dtype=torch.long))
+    sim = itc_scores(feats)  # image 0 ~ caption 1 (1.0), image 1 ~ caption 0 (1.0)
+    i2t, t2i, stats = retrieval.rerank_itm_dedup(Fixed(), feats, sim, k_test=1)
+    assert stats == {"pairs": 5.0, "unique_pairs": 3.0, "dedupe_share": pytest.approx(0.4)}
+    assert i2t[0, 1] == 21.0 and i2t[1, 0] == 12.0
+    assert t2i[1, 0] == 21.0 and t2i[0, 1] == 12.0 and t2i[2, int(sim[:, 2].argmax())] > 0
+
+
 def test_only_itc_top_k_cells_are_scored(model: ALBEF, features: RetrievalFeatures) -> None:
     sim = itc_scores(features)
     i2t, t2i = rerank_itm(model, features, sim, k_test=8, batch_size=32)

@@ -21,7 +21,8 @@ from model.config.schema import ExperimentConfig
 
 # Settings that change where or how fast a run goes, not what it computes.
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
-                "train.dist_timeout_min", "train.blowup_factor", "model.allow_download")
+                "train.dist_timeout_min", "train.blowup_factor", "model.allow_download",
+                "train.log_to")
 
 
 def load_experiment(
@@ -56,12 +57,28 @@ def load_experiment(
     return from_dict(ExperimentConfig, merged, origins)
 
 
+# Knobs added after runs existed, left out of the identity while they hold the value every
+# earlier run computed with, so that adding a knob does not rename every run directory.
+OMIT_IF_DEFAULT: dict[str, object] = {"train.grad_clip": None, "eval.rerank": "batched"}
+
+
+def _identity_exclude(cfg: ExperimentConfig) -> tuple[str, ...]:
+    omitted = []
+    for dotted, default in OMIT_IF_DEFAULT.items():
+        node: object = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        if node == default:
+            omitted.append(dotted)
+    return (*HASH_EXCLUDE, *omitted)
+
+
 def experiment_hash(cfg: ExperimentConfig) -> str:
     """Identity of what a run computes (10 hex chars); excludes speed/logging knobs."""
-    return config_hash(cfg, exclude=HASH_EXCLUDE)
+    return config_hash(cfg, exclude=_identity_exclude(cfg))
 
 
 def recipe_hash(cfg: ExperimentConfig) -> str:
     """:func:`experiment_hash` without the seed: equal for the seeds of one table row, so that
     averaging seeds of different recipes (a partial rerun after a config change) is caught."""
-    return config_hash(cfg, exclude=(*HASH_EXCLUDE, "train.seed"))
+    return config_hash(cfg, exclude=(*_identity_exclude(cfg), "train.seed"))

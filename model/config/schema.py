@@ -299,8 +299,17 @@ class TrainConfig:
     # three logged losses); None turns the check off. It only judges the run, so it is not part of
     # the run's identity (model/config/experiment.py HASH_EXCLUDE).
     blowup_factor: float | None = 10.0
+    # Clip the global gradient norm to this value before each optimizer step; None = ALBEF (no
+    # clipping). The pre-clip norm is logged either way (grad_norm).
+    grad_clip: float | None = None
+    # Experiment tracking (model/engine/tracking.py): TensorBoard event files in <run>/tb by
+    # default; "wandb" is opt-in. Not part of the run's identity.
+    log_to: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)
 
     def __post_init__(self) -> None:
+        if self.grad_clip is not None:
+            _check(0 < self.grad_clip < float("inf"), "grad_clip",
+                   f"must be a finite norm > 0 or null (off), got {self.grad_clip}")
         if self.blowup_factor is not None:
             _check(self.blowup_factor > 1.0, "blowup_factor",
                    f"must be > 1 (a multiple of the early loss) or null, got {self.blowup_factor}")
@@ -333,6 +342,10 @@ class EvalConfig:
     # Keep the split's features next to the checkpoint so re-ranking variants reuse them
     # (~9 GB for COCO 5K at 384 px, hence off by default).
     cache_features: bool = False
+    # ITM re-ranking schedule (model/engine/retrieval.py): "dedupe" scores each (image,
+    # caption) pair once, in length-sorted batches; "batched" scores each direction's top-k
+    # separately, as ALBEF does. Same scores up to float summation order.
+    rerank: Literal["batched", "dedupe"] = "dedupe"
 
     def __post_init__(self) -> None:
         _check(self.k_test >= 1, "k_test", f"must be >= 1, got {self.k_test}")

@@ -38,6 +38,7 @@ from model.engine.run_io import (
     write_json_atomic,
 )
 from model.engine.run_lock import RunLock
+from model.engine.tracking import make_tracker
 from model.engine.train import Trainer, train
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
     report = evaluate_retrieval(student, dataset, tokenizer, device, cfg.eval.k_test,
                                 cfg.eval.batch_size, split=f"{tr.sources.eval_file.name}",
                                 checkpoint_hash=ckpt_hash[:16],
-                                cache_dir=tr.run_dir if cfg.eval.cache_features else None)
+                                cache_dir=tr.run_dir if cfg.eval.cache_features else None,
+                                rerank=cfg.eval.rerank)
     metrics = dict(report.metrics)
     test_view = build_transform("test", cfg.eval.image_size or cfg.model.vision.image_size)
     if tr.sources.negatives_file is not None:
@@ -150,6 +152,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     if tr.dist.is_main:
         append_jsonl(run_dir / METRICS, {"kind": "eval", "step": summary.steps,
                                          "split": provenance["split"], **metrics})
+        tracker = make_tracker(run_dir, cfg.train.log_to, True, identity)
+        tracker.log(metrics, summary.steps, prefix="eval/")
+        tracker.close()
     is_main, rank, config_hash = tr.dist.is_main, tr.dist.rank, tr.config_hash
     stages: dict[str, Any] = {}
     if cfg.downstream:

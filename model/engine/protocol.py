@@ -500,7 +500,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path,
         result = evaluate_retrieval(
             student, dataset, tokenizer, device, cfg.eval.k_test, cfg.eval.batch_size,
             split=sources.eval_file.name, checkpoint_hash=info.sha256[:16], cache_dir=cache_dir,
-            num_workers=cfg.data.num_workers)
+            num_workers=cfg.data.num_workers, rerank=cfg.eval.rerank)
     provenance = {
         **result.provenance, **info.to_dict(),
         "eval_file": str(sources.eval_file), "image_root": str(dataset.image_root),

@@ -34,6 +34,7 @@ def train_step(
     precision: str = "fp32",
     enqueue: bool = True,
     hardness: float = 1.0,
+    grad_clip: float | None = None,
 ) -> StepOutput:
     """Forward (``Objective`` or its DDP wrapper), backward, optimizer step.
 
@@ -45,9 +46,13 @@ def train_step(
     with autocast_context(device, precision):
         out: StepOutput = objective(batch, alpha, enqueue, hardness)
     out.loss.backward()
-    # The gradient norm (a device tensor: no sync) feeds the divergence guard and the logs;
-    # it only reads the gradients (ALBEF does not clip).
-    grad_norm = total_grad_norm(list(_params(objective)))
+    # The gradient norm (a device tensor: no sync) feeds the divergence guard and the logs.
+    # ALBEF does not clip; with ``grad_clip`` the norm is clipped and the pre-clip norm logged.
+    params = [p for p in _params(objective) if p.grad is not None]
+    if grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = total_grad_norm(params)
     optimizer.step()
     return StepOutput(
         loss=out.loss.detach(),

@@ -32,6 +32,7 @@ from model.engine.guard import DivergenceGuard
 from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
 from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
 from model.engine.step import move_batch, train_step
+from model.engine.tracking import Tracker, make_tracker
 from model.objective import Objective, StepOutput
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Trainer:
     config_hash: str
     resumed_from: int | None
     guard: DivergenceGuard | None = None  # built at the first step (it needs the loss names)
+    tracker: Tracker | None = None  # TensorBoard / W&B (rank 0), fed from the logged rows
     saved_step: int | None = None  # global step of the checkpoint on disk, if any
 
     @property
@@ -148,6 +150,8 @@ def _log_step(tr: Trainer, out: StepOutput, lr: float, alpha: float, t0: float,
               "data_wait_s": data_wait / max(1, steps_in_window), **_scalars(out)}
     if tr.dist.is_main:
         append_jsonl(tr.run_dir / METRICS, record)
+    if tr.tracker is not None:
+        tr.tracker.log(record, tr.state.global_step, prefix="train/")
     return record
 
 
@@ -191,7 +195,8 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
                          cfg.train.precision,
                          enqueue=st.global_step >= cfg.model.queue_warmup_steps,
                          hardness=hardness_at(cfg.loss.itm_neg_ramp, st.global_step,
-                                              cfg.loss.itm_neg_hardness))
+                                              cfg.loss.itm_neg_hardness),
+                         grad_clip=cfg.train.grad_clip)
         st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
         _watch(tr, out, lr)
         bar.update(1)
@@ -220,16 +225,21 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, device: str | None = None,
     checkpoint logic differing (used to test exact resume).
     """
     tr = setup(cfg, Path(run_dir), device, identity)
+    tr.tracker = make_tracker(tr.run_dir, cfg.train.log_to, tr.dist.is_main, identity,
+                              to_dict(cfg))
     tr.model.train()
     total = tr.total_steps if stop_after is None else min(stop_after, tr.total_steps)
     summary = TrainSummary(tr.run_dir, tr.state.global_step, tr.resumed_from)
     t0 = time.time()
     bar = tqdm(total=total, initial=tr.state.global_step, disable=not (progress and
                tr.dist.is_main), desc=f"train {tr.run_dir.name}", dynamic_ncols=True)
-    while tr.state.global_step < total and tr.state.epoch < cfg.train.epochs:
-        if _run_epoch(tr, summary, bar, t0, total):
-            break
-    bar.close()
-    _save(tr)
+    try:
+        while tr.state.global_step < total and tr.state.epoch < cfg.train.epochs:
+            if _run_epoch(tr, summary, bar, t0, total):
+                break
+        bar.close()
+        _save(tr)
+    finally:
+        tr.tracker.close()
     summary.steps, summary.wall_s = tr.state.global_step, time.time() - t0
     return summary, tr
