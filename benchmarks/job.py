@@ -1,15 +1,16 @@
-"""The benchmark as a submitit job: ``python -m benchmarks.bench_step ARGV`` inside the job.
+"""The benchmark as a submitit job: the benchmark CLI's ``main(ARGV)`` inside the job.
 
 The callable lives in an importable module because submitit pickles it by reference; a class
-defined in ``__main__`` could not be unpickled by the job process. It runs the very
-``bench_step.main`` a local run uses, with the submitted arguments minus the submission
-options, so a job's tables are the same files a local run writes.
+defined in ``__main__`` could not be unpickled by the job process. It runs the very ``main`` a
+local run uses (``benchmarks.bench_step:main``), with the submitted arguments minus the
+submission options, so a job's tables are the same files a local run writes.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 import submitit
@@ -42,12 +43,23 @@ class VariantsFailed(RuntimeError):
     so that ``sacct`` and ``job.result()`` say so as well as the tables."""
 
 
+def resolve_entry(entry: str) -> Callable[[Sequence[str]], int]:
+    """``"package.module:function"`` -> the function (imported in the job process)."""
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class BenchmarkJob:
-    """Runs ``benchmarks.bench_step.main(argv)`` in the job and returns its exit status; under
-    a scheduler a non-zero status (a variant failed) is raised as ``VariantsFailed`` instead.
+    """Runs the benchmark CLI's ``main(argv)`` (named by ``entry``, ``module:function``) in the
+    job and returns its exit status; under a scheduler a non-zero status (a variant failed) is
+    raised as ``VariantsFailed`` instead. The entry is a name, not a reference, so that this
+    module does not depend on the CLI that submits it.
 
     Deliberately not ``submitit.helpers.Checkpointable``: see ``checkpoint``.
     """
+
+    def __init__(self, entry: str) -> None:
+        self.entry = entry
 
     def __call__(self, argv: Sequence[str]) -> int:
         """The CLI's own path; a refusal (``SystemExit`` with a message) or an interruption
@@ -55,9 +67,8 @@ class BenchmarkJob:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         argv = allocation_threads(argv)
-        log.info("benchmark job: python -m benchmarks.bench_step %s", " ".join(argv))
-        from benchmarks.bench_step import main  # lazily: bench_step imports this module
-
+        log.info("benchmark job: %s %s", self.entry, " ".join(argv))
+        main = resolve_entry(self.entry)
         try:
             status = main(argv)
         except SystemExit as exc:

@@ -31,6 +31,7 @@ from slurm.executor import Cluster, make_executor
 from slurm.resources import Tier, load_tier
 
 JOB_NAME = "bench_step"
+ENTRY = "benchmarks.bench_step:main"  # what the job runs (benchmarks.job.resolve_entry)
 SUBMITIT_DIR = ".submitit"  # the grid's name too: slurm.status.log_tail finds the logs
 SUBMISSIONS = "submissions.jsonl"
 # Options that say where the benchmark runs; never forwarded to the job.
@@ -156,7 +157,7 @@ def submit(sub: Submission) -> Any:
     executor = make_executor(sub.cluster, sub.out / SUBMITIT_DIR, tier, JOB_NAME)
     if sub.cluster == "slurm":
         executor.update_parameters(slurm_additional_parameters={"no_requeue": True})
-    return executor.submit(BenchmarkJob(), sub.argv)
+    return executor.submit(BenchmarkJob(ENTRY), sub.argv)
 
 
 def record(sub: Submission, job: Any) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def test_job_uses_the_allocation_and_is_never_requeued() -> None:
     assert allocated_threads({"SOFTMASK_THREADS": "0", "SLURM_CPUS_PER_TASK": "x"}) is None
     # Called by submitit on preemption: it stops the run instead of returning a resubmission.
     with pytest.raises(JobInterrupted, match="not requeued"):
-        BenchmarkJob().checkpoint(["--iters", "2"])
+        BenchmarkJob(bench_submit.ENTRY).checkpoint(["--iters", "2"])
 
 
 def test_job_with_a_failed_variant_fails_and_still_prints_its_table(

@@ -16,7 +16,7 @@ from conftest import tiny_grid_sets
 from model.checkpoints import infer_text_layers, ours_to_albef
 from model.config.experiment import load_experiment
 from model.engine.data import resolve_sources
-from model.engine.pipeline import file_sha256
+from model.engine.evaluation import file_sha256
 from model.engine.protocol import stage_config
 from model.engine.train import train
 from model.evaluate import main, rebase_data_paths

@@ -49,7 +49,7 @@ from model.downstream.config import TaskConfig
 from model.engine.checkpoint import checkpoint_path
 from model.engine.data import build_eval_dataset, build_tokenizer, resolve_sources
 from model.engine.distributed import barrier, init_distributed
-from model.engine.pipeline import evaluate_trained, file_sha256
+from model.engine.evaluation import evaluate_trained, file_sha256
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.run_io import (
     CONFIG,
