@@ -18,6 +18,7 @@ from model.config.experiment import experiment_hash, load_experiment
 from model.config.loader import ConfigError, from_dict, load_yaml_file, replace_path
 from model.config.schema import ExperimentConfig
 from model.engine.run_io import run_status
+from slurm.spec import RunSpec
 
 MATRIX_FILE = Path(__file__).with_name("matrix.yaml")
 
@@ -38,28 +39,6 @@ class MatrixFile:
     base: str | None = None
     seeds: tuple[int, ...] = (0,)
     tier: str = "8gpu"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a job needs; small and picklable (submitit pickles one per array task)."""
-
-    grid: str
-    cell: str
-    seed: int
-    config: ExperimentConfig
-    config_hash: str
-    run_dir: Path
-    tier: str
-    preset: str
-
-    @property
-    def run_id(self) -> str:
-        return self.run_dir.name
-
-    def identity(self) -> dict[str, Any]:
-        return {"grid": self.grid, "cell": self.cell, "seed": self.seed, "tier": self.tier,
-                "run_id": self.run_id, "preset": self.preset}
 
 
 def load_matrix(path: str | Path = MATRIX_FILE) -> MatrixFile:

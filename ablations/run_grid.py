@@ -25,9 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ablations.grid import MATRIX_FILE, RunSpec, expand, plan_table
+from ablations.grid import MATRIX_FILE, expand, plan_table
 from model.config.loader import ConfigError
 from model.engine.run_io import FAILED, run_status
+from slurm.spec import RunSpec
 
 log = logging.getLogger("run_grid")
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from typing import Any
 
 import submitit
 
-from ablations.grid import RunSpec
 from slurm.resources import allocated_threads
+from slurm.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

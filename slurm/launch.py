@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablations.grid import RunSpec
 from model.engine.run_io import git_revision
 from slurm.executor import Cluster, make_executor
 from slurm.resources import Tier, load_tier
+from slurm.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

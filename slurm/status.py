@@ -41,7 +41,7 @@ import pandas as pd
 from model.engine.run_io import DONE, FAILED, METRICS, RESULT
 
 if TYPE_CHECKING:
-    from ablations.grid import RunSpec
+    from slurm.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

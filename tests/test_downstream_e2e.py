@@ -61,6 +61,7 @@ def test_task_stage_runs_and_its_checkpoint_evaluates_to_the_same_numbers(
     assert all(0.0 <= v <= 100.0 for v in stage.metrics.values())
     stage_dir = run_dir / protocol
     assert (stage_dir / "DONE").is_file()
+    assert list((stage_dir / "tb").glob("events.out.tfevents.*"))  # TensorBoard, like a cell
     result = json.loads((stage_dir / "result.json").read_text())
     prov = result["provenance"]
     assert prov["data_kind"] == "synthetic" and prov["image_size"] == 48

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ from model.engine.distributed import DistInfo
 from model.engine.optim import alpha_at, build_optimizer, lr_at, set_lr
 from model.engine.run_io import append_jsonl
 from model.engine.step import autocast_context, move_batch
+from model.engine.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +112,53 @@ def gather_objects(items: list[Any]) -> list[Any]:
     return [x for p in parts for x in p]
 
 
+@dataclass
+class _Log:
+    """Where a training loop's logged rows go (metrics.jsonl on rank 0, the tracker)."""
+
+    stage: str
+    metrics: Path | None
+    is_main: bool
+    tracker: Tracker | None
+    t0: float = field(default_factory=time.time)
+
+    def row(self, out, step: int, epoch: int, lr: float, alpha: float) -> None:
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{self.stage}: non-finite loss {loss} at step {step} "
+                                     f"(epoch {epoch}, learning rate {lr:.4g})")
+        row = {"kind": "train", "stage": self.stage, "step": step, "epoch": epoch, "loss": loss,
+               "lr": lr, "alpha": alpha, "wall_s": time.time() - self.t0,
+               **{k: float(v) for k, v in out.stats.items()}}
+        if self.metrics is not None and self.is_main:
+            append_jsonl(self.metrics, row)
+        if self.tracker is not None:
+            self.tracker.log(row, step, prefix=f"{self.stage}/")
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    for setter in (getattr(loader.dataset, "set_epoch", None),
+                   getattr(loader.sampler, "set_epoch", None)):
+        if setter is not None:
+            setter(epoch)
+
+
 def train_epochs(objective: TaskObjective, model: nn.Module, loader: DataLoader,
-                  train: TrainConfig, alpha: float, alpha_warmup: bool, dist_info: DistInfo,
-                  metrics: Path | None, stage: str,
-                  on_epoch: Callable[[int], None] | None = None) -> int:
+                 train: TrainConfig, alpha: float, alpha_warmup: bool, dist_info: DistInfo,
+                 metrics: Path | None, stage: str,
+                 on_epoch: Callable[[int], None] | None = None,
+                 tracker: Tracker | None = None) -> int:
     """ALBEF's fine-tuning loop; returns the number of optimizer steps."""
     optimizer = build_optimizer(objective, train)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{stage}: the training set is smaller than one batch "
                          f"({train.batch_size}); nothing to train")
-    step, t0 = 0, time.time()
+    logger, step = _Log(stage, metrics, dist_info.is_main, tracker), 0
+    limit = train.max_steps if train.max_steps is not None else float("inf")
     objective.train()
     for epoch in range(train.epochs):
-        for setter in (getattr(loader.dataset, "set_epoch", None),
-                       getattr(loader.sampler, "set_epoch", None)):
-            if setter is not None:
-                setter(epoch)
+        _set_epoch(loader, epoch)
         for i, batch in enumerate(loader):
             lr = lr_at(train, epoch, i)
             set_lr(optimizer, lr)
@@ -139,20 +171,12 @@ def train_epochs(objective: TaskObjective, model: nn.Module, loader: DataLoader,
             optimizer.step()
             step += 1
             if step % train.log_every == 0 or step == 1:
-                loss = float(out.loss.detach())
-                if not torch.isfinite(torch.tensor(loss)):
-                    raise FloatingPointError(f"{stage}: non-finite loss {loss} at step {step} "
-                                             f"(epoch {epoch}, learning rate {lr:.4g})")
-                row = {"kind": "train", "stage": stage, "step": step, "epoch": epoch,
-                       "loss": loss, "lr": lr, "alpha": a, "wall_s": time.time() - t0,
-                       **{k: float(v) for k, v in out.stats.items()}}
-                if metrics is not None and dist_info.is_main:
-                    append_jsonl(metrics, row)
-            if train.max_steps is not None and step >= train.max_steps:
+                logger.row(out, step, epoch, lr, a)
+            if step >= limit:
                 break
         if on_epoch is not None:
             on_epoch(epoch)
-        if train.max_steps is not None and step >= train.max_steps:
+        if step >= limit:
             break
     return step
 

@@ -42,6 +42,7 @@ from model.downstream.models import build_task_model
 from model.engine.data import build_tokenizer, resolve_sources
 from model.engine.distributed import barrier, init_distributed
 from model.engine.run_io import append_jsonl, write_json_atomic
+from model.engine.tracking import make_tracker
 from model.engine.train import seed_everything
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def _classify_eval(objective, splits, task: TaskConfig, dist_info) -> dict[str, 
             names[1]: evaluate_accuracy(objective, splits["test"].loader, dist_info.device)}
 
 
-def _classify_epochs(objective, model, splits, cfg, task, dist_info, metrics) -> tuple[dict, int]:
+def _classify_epochs(objective, model, splits, cfg, task, dist_info, metrics, tracker
+                     ) -> tuple[dict, int]:
     """Train; evaluate val and test after every epoch; keep the epoch ``task.select`` picks."""
     names = SPLIT_NAMES[task.name]
     history: list[dict[str, float]] = []
@@ -101,10 +103,11 @@ def _classify_epochs(objective, model, splits, cfg, task, dist_info, metrics) ->
         history.append(row)
         if dist_info.is_main:
             append_jsonl(metrics, {"kind": "eval", "epoch": epoch, **row})
+        tracker.log(row, epoch, prefix=f"{task.name}/eval_epoch/")
         log.info("%s epoch %d: %s", task.name, epoch, row)
 
     steps = train_epochs(objective, model, splits["train"].loader, cfg.train, task.alpha,
-                          task.alpha_warmup, dist_info, metrics, task.name, on_epoch)
+                         task.alpha_warmup, dist_info, metrics, task.name, on_epoch, tracker)
     best = (max(range(len(history)), key=lambda e: history[e][names[0]])
             if task.select == "best_val" else len(history) - 1)
     return {**history[best], "selected_epoch": best, "epochs_run": len(history)}, steps
@@ -213,14 +216,20 @@ def run_task(cfg: ExperimentConfig, task: TaskConfig, checkpoint: str | Path, ou
         objective, info = _fine_tuned_objective(cfg, task, state, source, tokenizer, init_size,
                                                 dist_info, metrics)
         model = wrap_ddp(objective, dist_info)
-        if task.name == "vqa":
-            steps = train_epochs(objective, model, splits["train"].loader, cfg.train,
-                                  task.alpha, task.alpha_warmup, dist_info, metrics, "vqa")
-            numbers = _vqa_eval(objective, splits, answers, tokenizer, task, dist_info, metrics,
-                                out_dir)
-        else:
-            numbers, steps = _classify_epochs(objective, model, splits, cfg, task, dist_info,
-                                              metrics)
+        tracker = make_tracker(out_dir, cfg.train.log_to, dist_info.is_main, identity)
+        try:
+            if task.name == "vqa":
+                steps = train_epochs(objective, model, splits["train"].loader, cfg.train,
+                                     task.alpha, task.alpha_warmup, dist_info, metrics, "vqa",
+                                     tracker=tracker)
+                numbers = _vqa_eval(objective, splits, answers, tokenizer, task, dist_info,
+                                    metrics, out_dir)
+                tracker.log(numbers, steps, prefix="vqa/eval/")
+            else:
+                numbers, steps = _classify_epochs(objective, model, splits, cfg, task,
+                                                  dist_info, metrics, tracker)
+        finally:
+            tracker.close()
         if dist_info.is_main:
             save_task_checkpoint(out_dir / TASK_CHECKPOINT, objective.student, task, cfg)
     provenance = {

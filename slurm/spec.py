@@ -1,0 +1,35 @@
+"""The unit the launchers run: one (cell, seed) of a grid with its validated config.
+
+Its home is here, below everything that uses it: the matrix expansion (ablations/grid.py)
+creates it, the launcher, the job and the status view (slurm/) consume it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.config.schema import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a job needs; small and picklable (submitit pickles one per array task)."""
+
+    grid: str
+    cell: str
+    seed: int
+    config: ExperimentConfig
+    config_hash: str
+    run_dir: Path
+    tier: str
+    preset: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    def identity(self) -> dict[str, Any]:
+        return {"grid": self.grid, "cell": self.cell, "seed": self.seed, "tier": self.tier,
+                "run_id": self.run_id, "preset": self.preset}
