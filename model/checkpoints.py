@@ -222,6 +222,12 @@ def _bert_body_to_ours(body: str, text_layers: int, fmt: AlbefFormat) -> str | N
         body = body[len("bert."):]
     elif body.startswith("bert."):
         return None
+    return bert_encoder_key(body, text_layers)
+
+
+def bert_encoder_key(body: str, text_layers: int) -> str | None:
+    """``embeddings.*`` / ``encoder.layer.{i}.*`` of ALBEF's BERT -> our text encoder (i < k) or
+    fusion encoder (layer i - k); None for anything else. Shared with the task key maps."""
     if body.startswith("embeddings."):
         return "text_encoder." + body
     match = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", body)

@@ -222,42 +222,35 @@ class _Images:
             raise OSError(f"cannot read image {path}: {err}") from err
 
 
-class VEDataset(Dataset):
-    def __init__(self, records: Sequence[VERecord], image_root: str | Path,
+class _RecordDataset(Dataset):
+    """Validated records and the image loader of one split."""
+
+    def __init__(self, records: Sequence[Any], image_root: str | Path,
                  transform: Transform) -> None:
         self.records, self.images = list(records), _Images(image_root, transform)
 
     def __len__(self) -> int:
         return len(self.records)
 
+
+class VEDataset(_RecordDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
         return {"images": self.images.load(r.image), "text": r.sentence, "labels": r.label}
 
 
-class NLVRDataset(Dataset):
-    def __init__(self, records: Sequence[NLVRRecord], image_root: str | Path,
-                 transform: Transform) -> None:
-        self.records, self.images = list(records), _Images(image_root, transform)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
+class NLVRDataset(_RecordDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
         return {"images0": self.images.load(r.images[0]),
                 "images1": self.images.load(r.images[1]), "text": r.sentence, "labels": r.label}
 
 
-class VQADataset(Dataset):
+class VQADataset(_RecordDataset):
     def __init__(self, records: Sequence[VQARecord], image_root: str | Path,
                  transform: Transform, vg_root: str | Path | None = None) -> None:
-        self.records = list(records)
-        self.images = _Images(image_root, transform)
+        super().__init__(records, image_root, transform)
         self.vg_images = _Images(vg_root, transform) if vg_root else self.images
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]

@@ -29,24 +29,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from model.checkpoints import MappedState
+from model.checkpoints import MappedState, bert_encoder_key
 
 REASON_MOMENTUM = "momentum twin (*_m): not used to evaluate (ALBEF evaluates the student)"
 REASON_TA_UNUSED = "text-assignment file: text_proj / temp are not used by NLVR2"
 REASON_POSITION_IDS = "BERT position_ids buffer (0..P-1, rebuilt by transformers)"
 REASON_TIED = "LM decoder weight / bias tied to the decoder's word embeddings / head bias"
-
-
-def _layer(body: str, text_layers: int) -> str | None:
-    if body.startswith("embeddings."):
-        return "text_encoder." + body
-    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", body)
-    if m is None:
-        return None
-    i, tail = int(m[1]), m[2]
-    if i < text_layers:
-        return f"text_encoder.layer.{i}.{tail}"
-    return f"fusion_encoder.layer.{i - text_layers}.{tail}"
 
 
 def _decoder(body: str) -> str | None:
@@ -70,7 +58,7 @@ def official_task_key_to_ours(key: str, text_layers: int) -> str | None:
     if head == "vision_proj" and body:
         return key
     if head == "text_encoder":
-        return _layer(body.removeprefix("bert."), text_layers)
+        return bert_encoder_key(body.removeprefix("bert."), text_layers)
     if head == "text_decoder":
         return _decoder(body)
     return None
