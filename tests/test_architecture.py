@@ -1,0 +1,87 @@
+"""The import rules of docs/ARCHITECTURE.md, read from the code's own imports (function-level
+imports included): which room may import which, and no import cycles between modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOMS = ("model", "slurm", "results", "ablations", "benchmarks")
+# room -> the project rooms it may import (besides itself). The library is the ground floor.
+ALLOWED = {
+    "model": set(),
+    "slurm": {"model"},
+    "results": {"model"},
+    "ablations": {"model", "slurm", "results"},
+    "benchmarks": {"model", "slurm", "results", "ablations"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for room in ROOMS for p in (REPO / room).rglob("*.py")}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules ``path`` imports anywhere in it (``from a.b import c`` counts ``a.b.c``
+    when that is a module, else ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                     else node.module for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in ROOMS and n in modules}
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, modules) - {name} for name, path in modules.items()}
+
+
+def test_each_room_imports_only_the_rooms_below_it(graph: dict[str, set[str]]) -> None:
+    wrong = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                   if b.split(".")[0] != a.split(".")[0]
+                   and b.split(".")[0] not in ALLOWED[a.split(".")[0]])
+    assert not wrong, "imports against docs/ARCHITECTURE.md:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_rules_see_real_imports(graph: dict[str, set[str]]) -> None:
+    """Guard against a rule that cannot fail: the graph holds known edges."""
+    assert "model.engine.train" in graph["model.engine.pipeline"]
+    assert "model.downstream.run" in graph["model.engine.protocol"]  # a function-level import
+    assert "slurm.spec" in graph["ablations.grid"]
