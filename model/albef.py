@@ -6,6 +6,7 @@ queues in ``model/momentum.py``, and the training-step composition in ``model/ob
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,11 @@ class ALBEF(nn.Module):
         self,
         text_states: Tensor,
         attention_mask: Tensor,
-        image_tokens: Tensor,
+        image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
         attn_layer: int | None = None,
     ) -> FusionOutput:
-        """Fusion layers over cached text states (ALBEF ``mode='fusion'``)."""
+        """Fusion layers over cached text states (ALBEF ``mode='fusion'``); the image side may
+        be given as its per-layer keys/values (``FusionEncoder.image_keys_values``)."""
         return self.fusion_encoder(text_states, attention_mask, image_tokens, attn_layer)
 
     def itm_logits(self, fused: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ Sub-module names equal BERT's, so checkpoint key mapping is a prefix rename (mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -91,15 +92,23 @@ class AttentionCore(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
+    def project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``kv`` (B, Lk, Dkv), split into heads: (B, H, Lk, hd) each."""
+        return self._split(self.key(kv)), self._split(self.value(kv))
+
     def forward(
-        self, x: Tensor, kv: Tensor, mask: Tensor | None, need_probs: bool = False
+        self, x: Tensor, kv: Tensor | tuple[Tensor, Tensor], mask: Tensor | None,
+        need_probs: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, Lq, D); kv: (B, Lk, Dkv); mask: additive (B, 1, 1, Lk) or None.
+        """x: (B, Lq, D); kv: (B, Lk, Dkv), or its keys and values already projected
+        (``project_kv``: re-ranking reuses one image's for every caption it is paired with);
+        mask: additive (B, 1, 1, Lk) or None.
 
         Returns the context (B, Lq, D) and, if ``need_probs``, the attention probabilities
         (B, H, Lq, Lk) after softmax and before dropout (what Grad-CAM explains, docs/ALBEF.md C23).
         """
-        q, k, v = self._split(self.query(x)), self._split(self.key(kv)), self._split(self.value(kv))
+        q = self._split(self.query(x))
+        k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
         p = self.dropout_p if self.training else 0.0
         probs = None
         if need_probs:
@@ -126,7 +135,8 @@ class AttentionBlock(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(
-        self, x: Tensor, kv: Tensor, mask: Tensor | None, need_probs: bool = False
+        self, x: Tensor, kv: Tensor | tuple[Tensor, Tensor], mask: Tensor | None,
+        need_probs: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         ctx, probs = self.self(x, kv, mask, need_probs)
         return self.output(ctx, x), probs
@@ -146,7 +156,7 @@ class BertLayer(nn.Module):
         self,
         hidden: Tensor,
         mask: Tensor,
-        image: Tensor | None = None,
+        image: Tensor | tuple[Tensor, Tensor] | None = None,
         need_probs: bool = False,
         cross_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -211,14 +221,20 @@ class FusionEncoder(nn.Module):
         )
         self.apply(partial(init_bert_weights, std=config.initializer_range))
 
+    def image_keys_values(self, image_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's cross-attention keys and values of ``image_tokens`` (B, 1+N, Dv): what
+        a fusion pass recomputes for each (image, text) pair, computed once per image."""
+        return [layer.crossattention.self.project_kv(image_tokens) for layer in self.layer]
+
     def forward(
         self,
         text_states: Tensor,
         attention_mask: Tensor,
-        image_tokens: Tensor,
+        image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
         attn_layer: int | None = None,
     ) -> FusionOutput:
-        """text_states: (B, L, D), attention_mask: (B, L), image_tokens: (B, 1+N, Dv).
+        """text_states: (B, L, D), attention_mask: (B, L), image_tokens: (B, 1+N, Dv), or the
+        per-layer keys and values of :meth:`image_keys_values` (indexed to the B rows).
 
         ``attn_layer`` (0-based within this stack) selects the layer whose cross-attention
         probabilities are returned; that one layer runs an explicit softmax, the rest use SDPA.
@@ -226,8 +242,10 @@ class FusionEncoder(nn.Module):
         hidden = text_states
         mask = extended_mask(attention_mask, hidden.dtype)
         cross_attn = None
+        per_layer = isinstance(image_tokens, (list, tuple))
         for i, layer in enumerate(self.layer):
-            hidden, probs = layer(hidden, mask, image_tokens, need_probs=(i == attn_layer))
+            image = image_tokens[i] if per_layer else image_tokens
+            hidden, probs = layer(hidden, mask, image, need_probs=(i == attn_layer))
             if probs is not None:
                 cross_attn = probs
         return FusionOutput(hidden=hidden, cross_attn=cross_attn)

@@ -241,9 +241,9 @@ def test_deduplicated_rerank_equals_loop_and_scores_each_pair_once(
     calls: list[int] = []
     real = retrieval.itm_match_logit
 
-    def counting(net, image_tokens, text_states, text_mask):
-        calls.append(image_tokens.shape[0])  # pairs in this fusion call
-        return real(net, image_tokens, text_states, text_mask)
+    def counting(net, image, text_states, text_mask):
+        calls.append(text_states.shape[0])  # pairs in this fusion call
+        return real(net, image, text_states, text_mask)
 
     monkeypatch.setattr(retrieval, "itm_match_logit", counting)
     i2t, t2i, stats = retrieval.rerank_itm_dedup(model, features, sim, k_test=8,
@@ -269,12 +269,21 @@ def test_deduplicated_rerank_on_a_hand_built_split() -> None:
     """Two images, three captions, k = 1: image 0's best caption is 1 and caption 1's best image
     is 0, so that pair is scored once for both directions."""
 
+    class Keys(torch.nn.Module):
+        def image_keys_values(self, tokens):  # one "layer": keys = values = the tokens
+            return [(tokens, tokens)]
+
     class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fusion_encoder = Keys()
+
         def itm_logits(self, fused):
             return fused[:, 0, :2]
 
         def fuse(self, states, mask, image):
-            out = states + image[:, :1, :states.shape[-1]]
+            keys, _ = image[0]
+            out = states + keys[:, :1, :states.shape[-1]]
             return type("F", (), {"hidden": out})()
 
     feats = RetrievalFeatures(

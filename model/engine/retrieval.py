@@ -323,9 +323,10 @@ def _combine(scores: Tensor) -> Tensor:
     return scores
 
 
-def itm_match_logit(model: ALBEF, image_tokens: Tensor, text_states: Tensor,
-                    text_mask: Tensor) -> Tensor:
-    """(P, 1+N, Dv), (P, L, D), (P, L) -> (P,) raw ITM class-1 logit (docs/ALBEF.md C18)."""
+def itm_match_logit(model: ALBEF, image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
+                    text_states: Tensor, text_mask: Tensor) -> Tensor:
+    """(P, 1+N, Dv) (or per-layer image keys/values, ``image_keys_values``), (P, L, D),
+    (P, L) -> (P,) raw ITM class-1 logit (docs/ALBEF.md C18)."""
     return model.itm_logits(model.fuse(text_states, text_mask, image_tokens).hidden)[:, 1]
 
 
@@ -417,9 +418,11 @@ def rerank_itm_dedup(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_t
 
     A pair in both an image's top-k captions and that caption's top-k images is one fusion
     pass, not two (ALBEF scores it twice). The unique pairs are sorted by caption length, so
-    each fusion call pads its captions to a nearly equal width once. Same scores as
-    ``rerank_itm_loop`` up to float summation order (tests). Also returns the pair counts:
-    ``pairs`` (both directions), ``unique_pairs`` and ``dedupe_share`` = 1 - unique / pairs.
+    each fusion call pads its captions to a nearly equal width once, and every image's
+    cross-attention keys and values are projected once per layer instead of once per pair.
+    Same scores as ``rerank_itm_loop`` up to float summation order (tests). Also returns the
+    pair counts: ``pairs`` (both directions), ``unique_pairs`` and ``dedupe_share`` = 1 -
+    unique / pairs.
     """
     if k_test < 1 or batch_size < 1:
         raise ValueError(f"k_test and batch_size must be >= 1, got {k_test} and {batch_size}")
@@ -432,12 +435,14 @@ def rerank_itm_dedup(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_t
     order = torch.argsort(f.text_mask[txt_u].sum(dim=1), stable=True)
     logits_u = torch.empty(len(unique), device=sim.device)
     with eval_mode(model):
+        # Each image's cross-attention keys/values, once per layer (not once per pair).
+        kv = model.fusion_encoder.image_keys_values(f.image_tokens)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ii, ti = img_u[idx], txt_u[idx]
             w = _text_width(f.text_mask[ti], True)
-            logits_u[idx] = itm_match_logit(model, f.image_tokens[ii], f.text_states[ti, :w],
-                                            f.text_mask[ti, :w])
+            logits_u[idx] = itm_match_logit(model, [(k[ii], v[ii]) for k, v in kv],
+                                            f.text_states[ti, :w], f.text_mask[ti, :w])
     logits = logits_u[inverse]
     scores_i2t, _ = _empty_scores(n_img, n_txt, sim.device)
     scores_i2t[img_a, txt_a] = logits[:len(img_a)]
