@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import random_batch, synthetic_train_sets, tiny_config, tiny_objective
+from tiny import (
+    random_batch,
+    stop_training_after,
+    synthetic_train_sets,
+    tiny_config,
+    tiny_objective,
+)
 
 from model.config.experiment import load_experiment
 from model.config.schema import TrainConfig
@@ -173,11 +179,14 @@ def _check_resume(cache: Path, root: Path, extra_b: tuple[str, ...] = ()) -> Non
     """Run A: 6 steps straight. Run B (with ``extra_b``): 3 steps, then a fresh call to 6."""
     cfg_a = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache)))
     cfg = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache), *extra_b))
-    summary_a, tr_a = train(cfg_a, root / "a", stop_after=6, progress=False, device="cpu")
+    with stop_training_after(6):
+        summary_a, tr_a = train(cfg_a, root / "a", progress=False, device="cpu")
     assert summary_a.steps == 6
-    first, _ = train(cfg, root / "b", stop_after=3, progress=False, device="cpu")
+    with stop_training_after(3):
+        first, _ = train(cfg, root / "b", progress=False, device="cpu")
     assert first.steps == 3 and first.resumed_from is None
-    summary_b, tr_b = train(cfg, root / "b", stop_after=6, progress=False, device="cpu")
+    with stop_training_after(6):
+        summary_b, tr_b = train(cfg, root / "b", progress=False, device="cpu")
     assert summary_b.resumed_from == 3 and summary_b.steps == 6
     metrics_a, metrics_b = _metrics(root / "a"), _metrics(root / "b")
     assert sorted(metrics_a) == sorted(metrics_b) == [1, 2, 3, 4, 5, 6]
@@ -206,15 +215,18 @@ def test_resume_is_exact_with_a_loader_worker(synthetic_cache: Path, tmp_path: P
 def test_resume_with_another_config_is_refused(synthetic_cache: Path, tmp_path: Path) -> None:
     sets = synthetic_train_sets(str(synthetic_cache))
     cfg = load_experiment(preset="tiny", sets=sets)
-    train(cfg, tmp_path, stop_after=1, progress=False, device="cpu")
+    with stop_training_after(1):
+        train(cfg, tmp_path, progress=False, device="cpu")
     saved_config = (tmp_path / "config.yaml").read_text()
     other = load_experiment(preset="tiny", sets=[*sets, "train.lr=3e-3"])
     with pytest.raises(RuntimeError, match="config"):
-        train(other, tmp_path, stop_after=2, progress=False, device="cpu")
+        with stop_training_after(2):
+            train(other, tmp_path, progress=False, device="cpu")
     # the refused run must leave the run directory describing the checkpoint's experiment
     assert (tmp_path / "config.yaml").read_text() == saved_config
     assert yaml.safe_load(saved_config)["train"]["lr"] == cfg.train.lr
     # speed/logging knobs are not part of the identity: this resume is accepted
     same = load_experiment(preset="tiny", sets=[*sets, "train.log_every=5"])
-    summary, _ = train(same, tmp_path, stop_after=2, progress=False, device="cpu")
+    with stop_training_after(2):
+        summary, _ = train(same, tmp_path, progress=False, device="cpu")
     assert summary.resumed_from == 1 and summary.steps == 2

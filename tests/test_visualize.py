@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import stop_training_after
 
 from model.config.experiment import load_experiment
 from model.data.synthetic import SyntheticSpec, generate
@@ -46,8 +47,8 @@ def run(tmp_path_factory):
         "softmask.mode=gradcam",
     ])
     torch.manual_seed(0)
-    _summary, trainer = train(cfg, root / "run", stop_after=TRAIN_STEPS, progress=False,
-                              device="cpu")
+    with stop_training_after(TRAIN_STEPS):
+        _summary, trainer = train(cfg, root / "run", progress=False, device="cpu")
     from model.engine.data import build_tokenizer
 
     return {"dir": root / "run", "cfg": cfg, "student": trainer.objective.student,

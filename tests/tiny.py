@@ -9,8 +9,10 @@ Defaults: the ``tiny`` preset with a 60-token vocabulary, queue 64, batch 8, 32 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -115,3 +117,15 @@ def synthetic_train_sets(cache_dir: str, *extra: str) -> list[str]:
         "train.checkpoint_every=1000",
         *extra,
     ]
+
+
+@contextlib.contextmanager
+def stop_training_after(steps: int) -> Iterator[None]:
+    """Test hook: ``train`` ends (with its final checkpoint) after ``steps`` global steps, as an
+    interrupted run would, without a knob in the product API."""
+    from model.engine.train import Trainer
+
+    real = Trainer.total_steps
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "total_steps", property(lambda self: min(steps, real.fget(self))))
+        yield

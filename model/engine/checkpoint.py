@@ -85,21 +85,21 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
 
 
 def load_checkpoint(run_dir: str | Path, objective: Objective,
-                    optimizer: torch.optim.Optimizer | None, config_hash: str,
-                    force: bool = False) -> TrainState | None:
+                    optimizer: torch.optim.Optimizer | None, config_hash: str
+                    ) -> TrainState | None:
     """Resume from ``run_dir``'s checkpoint if there is one; ``None`` otherwise.
 
     A checkpoint written under another config hash is refused (a silently different experiment
-    would continue) unless ``force``.
+    would continue).
     """
     path = checkpoint_path(run_dir)
     if not path.exists():
         return None
     payload = read_checkpoint(path)  # tensors and plain data only (weights_only)
-    if payload.get("config_hash") != config_hash and not force:
+    if payload.get("config_hash") != config_hash:
         raise RuntimeError(
             f"{path} was written by config {payload.get('config_hash')} but this run's config "
-            f"is {config_hash}; use a new run directory or force the resume"
+            f"is {config_hash}; use a new run directory (the grid names one per config)"
         )
     objective.load_state_dict(payload["objective"])
     if optimizer is not None:

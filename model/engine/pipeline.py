@@ -40,11 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any] | None = None,
-             device: str | None = None, progress: bool = False,
-             stop_after: int | None = None) -> dict[str, Any]:
+             device: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Train + evaluate one run directory; idempotent (a finished run returns its result).
 
-    ``stop_after`` stops training early without evaluating (used to test resumption).
     """
     run_dir = Path(run_dir)
     if (run_dir / DONE).exists():
@@ -58,7 +56,7 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
     with lock:
         (run_dir / FAILED).unlink(missing_ok=True)  # a resubmission gets a fresh chance
         try:
-            return _run(cfg, run_dir, identity or {}, device, progress, stop_after)
+            return _run(cfg, run_dir, identity or {}, device, progress)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
             if not isinstance(exc, KeyboardInterrupt | SystemExit):
                 tail = "".join(traceback.format_exception(exc))[-4000:]
@@ -78,16 +76,13 @@ def _launch_rank() -> int:
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
-         progress: bool, stop_after: int | None) -> dict[str, Any]:
+         progress: bool) -> dict[str, Any]:
     t0 = time.time()
     if cfg.downstream:  # fail now on a bad protocol name or stage config, not after pre-training
         from model.engine.protocol import validate_downstream
 
         validate_downstream(cfg)
-    summary, tr = train(cfg, run_dir, device=device, identity=identity, progress=progress,
-                        stop_after=stop_after)
-    if stop_after is not None and summary.steps < tr.total_steps:
-        return {"status": "stopped", "steps": summary.steps}
+    summary, tr = train(cfg, run_dir, device=device, identity=identity, progress=progress)
     barrier()
     # Every rank evaluates: under torch.distributed the ITM re-ranking splits the query rows
     # across ranks and all-reduces them (a rank-0-only call would wait forever).

@@ -80,7 +80,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
-          identity: dict[str, Any] | None = None, force_resume: bool = False) -> Trainer:
+          identity: dict[str, Any] | None = None) -> Trainer:
     """Build data, objective and optimizer; resume from ``run_dir`` if it holds a checkpoint."""
     dist_info = init_distributed(device, cfg.train.dist_timeout_min)
     check_world_size(cfg, dist_info.world_size)
@@ -98,7 +98,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     _load_initial_weights(cfg, objective)
     objective.to(dist_info.device)
     optimizer = build_optimizer(objective, cfg.train)
-    state = load_checkpoint(run_dir, objective, optimizer, chash, force=force_resume)
+    state = load_checkpoint(run_dir, objective, optimizer, chash)
     # Written only once the checkpoint (if any) is accepted: a resume refused for a different
     # config hash must leave the run directory describing the checkpoint's experiment.
     if dist_info.is_main:
@@ -217,18 +217,14 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, device: str | None = None,
-          identity: dict[str, Any] | None = None, stop_after: int | None = None,
+          identity: dict[str, Any] | None = None,
           progress: bool = True) -> tuple[TrainSummary, Trainer]:
-    """Train (or resume) ``cfg`` in ``run_dir``; returns the summary and the trainer state.
-
-    ``stop_after`` ends the run early after that many *global* steps without the final
-    checkpoint logic differing (used to test exact resume).
-    """
+    """Train (or resume) ``cfg`` in ``run_dir``; returns the summary and the trainer state."""
     tr = setup(cfg, Path(run_dir), device, identity)
     tr.tracker = make_tracker(tr.run_dir, cfg.train.log_to, tr.dist.is_main, identity,
                               to_dict(cfg))
     tr.model.train()
-    total = tr.total_steps if stop_after is None else min(stop_after, tr.total_steps)
+    total = tr.total_steps
     summary = TrainSummary(tr.run_dir, tr.state.global_step, tr.resumed_from)
     t0 = time.time()
     bar = tqdm(total=total, initial=tr.state.global_step, disable=not (progress and
