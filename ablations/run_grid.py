@@ -231,8 +231,8 @@ def _print_status(specs: list[RunSpec]) -> int:
 
 def _preflight_dist(specs: list[RunSpec], cluster: str) -> int:
     """One preflight job per tier used by the planned runs, through the grid's executor."""
+    from slurm.dist_preflight import check_report, submit_preflight
     from slurm.launch import grid_folder
-    from slurm.preflight import check_report, submit_preflight
     from slurm.resources import load_tier
 
     # The debug executor runs one task in-process: the local executor has real processes.

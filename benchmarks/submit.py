@@ -3,7 +3,7 @@
 ``python -m benchmarks.bench_step --cluster {local,debug,slurm} [--tier T] [--wait] ...``
 validates everything it can here (cases YAML, preset/variant/batch/precision selection, tier,
 GPU request against the tier), so that bad input fails before a job is queued; then it submits
-``benchmarks.job.BenchmarkJob`` with the remaining arguments through
+``benchmarks.bench_job.BenchmarkJob`` with the remaining arguments through
 ``slurm.executor.make_executor`` and records the submission in ``<out>/submissions.jsonl``.
 
 The cluster is never auto-detected (``make_executor`` always names it). A ``local`` job (a
@@ -24,14 +24,14 @@ from typing import Any
 
 import yaml
 
+from benchmarks.bench_job import BenchmarkJob
 from benchmarks.cases import Case, Suite, load_suite, select_cases
-from benchmarks.job import BenchmarkJob
 from model.config.loader import ConfigError
 from slurm.executor import Cluster, make_executor
 from slurm.resources import Tier, load_tier
 
 JOB_NAME = "bench_step"
-ENTRY = "benchmarks.bench_step:main"  # what the job runs (benchmarks.job.resolve_entry)
+ENTRY = "benchmarks.bench_step:main"  # what the job runs (benchmarks.bench_job.resolve_entry)
 SUBMITIT_DIR = ".submitit"  # the grid's name too: slurm.status.log_tail finds the logs
 SUBMISSIONS = "submissions.jsonl"
 # Options that say where the benchmark runs; never forwarded to the job.

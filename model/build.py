@@ -62,7 +62,7 @@ def objective_settings(cfg: ExperimentConfig) -> ObjectiveSettings:
         focal_detach=cfg.loss.focal_detach,
         momentum=cfg.model.momentum,
         retrieval=retrieval,
-        softmask=cfg.softmask.mode,
+        patch_mask_mode=cfg.softmask.mode,
         softmask_layer=cfg.softmask.layer,
         softmask_word=cfg.softmask.word,
         random_p=cfg.softmask.random_p,

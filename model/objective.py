@@ -49,7 +49,9 @@ class ObjectiveSettings:
     focal_detach: bool = False
     momentum: float = 0.995
     retrieval: bool = False
-    softmask: str = "off"  # off | gradcam | random
+    # The patch-mask mode of the extra ITM positives: off (ALBEF), gradcam (SoftMask: the
+    # word's Grad-CAM map) or random (RandMask); config key softmask.mode.
+    patch_mask_mode: str = "off"
     softmask_layer: int = 2
     softmask_word: str = "random"  # random | mean
     random_p: float = 0.5
@@ -169,7 +171,7 @@ class Objective(nn.Module):
              sim_t2i: Tensor, hardness: float) -> _ITMResult:
         """ALBEF §2.2 plus SoftMask's extra positives."""
         s, b, mask = self.settings, img.tokens.shape[0], inp.attention_mask
-        want_attn = s.softmask == "gradcam"
+        want_attn = s.patch_mask_mode == "gradcam"
         pos = self.student.fuse(txt.states, mask, img.tokens,
                                 attn_layer=s.softmask_layer if want_attn else None)
         pos_logits = self.student.itm_logits(pos.hidden)
@@ -183,7 +185,7 @@ class Objective(nn.Module):
         neg_logits = self.student.itm_logits(neg.hidden)
         stats: dict[str, Tensor] = {}
         masked_hidden = extra = None
-        if s.softmask != "off":
+        if s.patch_mask_mode != "off":
             patch_mask = self._patch_mask(pos_logits, pos.cross_attn, inp, img.tokens.shape[1] - 1)
             masked_hidden = self.student.fuse(
                 txt.states, mask, apply_patch_mask(img.tokens, patch_mask)).hidden
@@ -197,7 +199,7 @@ class Objective(nn.Module):
                     num_patches: int) -> Tensor:
         """(B, N) mask: 1 - minmax(Grad-CAM of one random word) or RandMask's {0, 1}."""
         s = self.settings
-        if s.softmask == "random":
+        if s.patch_mask_mode == "random":
             return random_patch_mask(pos_logits.shape[0], num_patches, s.random_p,
                                      self.generator, pos_logits.device)
         assert cross_attn is not None

@@ -53,7 +53,7 @@ def _record(folder: Path, subs: Sequence[Submission], cluster: str) -> None:
 def submit_slurm(specs: Sequence[RunSpec], max_parallel: int | None,
                  tier_override: Tier | None = None) -> list[Submission]:
     """One job array per tier; returns immediately (jobs outlive this process)."""
-    from slurm.job import CellJob
+    from slurm.cell_job import CellJob
 
     folder = grid_folder(specs)
     by_tier: dict[str, list[RunSpec]] = defaultdict(list)
@@ -77,7 +77,7 @@ def run_local(specs: Sequence[RunSpec], cluster: Cluster, max_parallel: int,
               ) -> list[Submission]:
     """Run through submitit's local (subprocess) or debug (in-process) executor, keeping at most
     ``max_parallel`` jobs alive; ``on_done`` is called as each finishes (failures included)."""
-    from slurm.job import CellJob
+    from slurm.cell_job import CellJob
 
     folder = grid_folder(specs)
     pending, running, finished = list(specs), [], []

@@ -17,10 +17,10 @@ import yaml
 
 from benchmarks import bench_step
 from benchmarks import submit as bench_submit
+from benchmarks.bench_job import BenchmarkJob, JobInterrupted, allocation_threads
 from benchmarks.bench_memory import measure
 from benchmarks.bench_step import run_benchmark
 from benchmarks.cases import DEFAULT_CASES, Suite, load_suite, make_batch, select_cases
-from benchmarks.job import BenchmarkJob, JobInterrupted, allocation_threads
 from benchmarks.measure import paired_ratios
 from benchmarks.probes import probe_memory
 from benchmarks.report import COST_COLUMNS, rebuild_reports

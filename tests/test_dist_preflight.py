@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.preflight import (
+from slurm.dist_preflight import (
     Check,
     PreflightResult,
     check_report,
@@ -84,7 +84,7 @@ def test_missing_launcher_variables_fail_without_waiting(monkeypatch) -> None:
 def test_world_size_other_than_requested_fails_even_if_collectives_pass(monkeypatch) -> None:
     """All ranks agree on WORLD_SIZE=1 but 2 were requested: collectives succeed (a group of
     one), the verdict must still be FAIL, with the reason."""
-    from slurm.preflight import free_port
+    from slurm.dist_preflight import free_port
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -105,8 +105,9 @@ def test_world_size_other_than_requested_fails_even_if_collectives_pass(monkeypa
 
 
 def test_cli_two_local_gloo_ranks_pass() -> None:
-    """``python -m slurm.preflight --nprocs 2``: two spawned processes, exit 0, a PASS table."""
-    proc = subprocess.run([sys.executable, "-m", "slurm.preflight", "--nprocs", "2",
+    """``python -m slurm.dist_preflight --nprocs 2``: two spawned processes, exit 0, a PASS
+    table."""
+    proc = subprocess.run([sys.executable, "-m", "slurm.dist_preflight", "--nprocs", "2",
                            "--timeout", "20", "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

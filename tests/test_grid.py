@@ -196,7 +196,7 @@ def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
 _CHILD_SURVIVES_SIGTERM = """
 import subprocess, sys
 from ablations.grid import expand
-from slurm.job import CellJob
+from slurm.cell_job import CellJob
 if sys.argv[1] == "checkpoint":
     (spec,) = expand(preset="tiny", seeds=[0], only=["albef"], runs_root=sys.argv[2])
     CellJob().checkpoint(spec)

@@ -11,7 +11,7 @@ timeout and every collective is waited on with one.
 
 Entry points::
 
-    python -m slurm.preflight --nprocs 2          # N local processes (gloo on CPU)
+    python -m slurm.dist_preflight --nprocs 2          # N local processes (gloo on CPU)
     python ablations/run_grid.py --preflight-dist --cluster slurm [--tier T]
 
 The second submits ``PreflightJob`` through ``slurm.executor.make_executor`` with the grid's
@@ -532,7 +532,7 @@ def submit_preflight(cluster: str, folder: str | Path, tier: Tier, name: str,
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m slurm.preflight", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m slurm.dist_preflight", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs", type=int, default=2, help="local processes to spawn")
     p.add_argument("--world-size", type=int, default=None,
@@ -558,8 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Re-enter through the package so spawned ranks unpickle ``slurm.preflight`` objects
+    # Re-enter through the package so spawned ranks unpickle ``slurm.dist_preflight`` objects
     # (not ``__main__`` ones).
-    from slurm.preflight import main as _main
+    from slurm.dist_preflight import main as _main
 
     sys.exit(_main())
