@@ -322,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run_id, why in alive.items():
             print(f"skipping {run_id}: {why} (--force submits it anyway)")
         todo = [s for s in todo if s.run_id not in alive]
+        if alive and not todo and args.cluster == "slurm" and not args.wait:
+            print("nothing to submit: the remaining runs are queued or running; run again "
+                  "with --collect-only (or --wait) to gather results")
+            return 0
     failures = 0
     if todo and not args.collect_only:
         failures = _execute(todo, specs, args)

@@ -67,7 +67,7 @@ class BenchmarkJob:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         argv = allocation_threads(argv)
-        log.info("benchmark job: %s %s", self.entry, " ".join(argv))
+        log.info("benchmark job: python -m %s %s", self.entry.partition(":")[0], " ".join(argv))
         main = resolve_entry(self.entry)
         try:
             status = main(argv)

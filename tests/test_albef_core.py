@@ -413,7 +413,7 @@ def test_default_config_is_albef() -> None:
     cfg = tiny_config()
     obj = tiny_objective()
     st = obj.settings
-    assert (st.softmask, st.focal_gamma, st.mmda_strong_image, st.mmda_masked_text) == (
+    assert (st.patch_mask_mode, st.focal_gamma, st.mmda_strong_image, st.mmda_masked_text) == (
         "off", 0.0, False, False)
     assert (st.itc_weight, st.itm_weight, st.mlm_weight, st.mlm_prob) == (1.0, 1.0, 1.0, 0.15)
     assert st.momentum == cfg.model.momentum
