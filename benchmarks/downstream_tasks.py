@@ -51,8 +51,8 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
 
     from ablations.grid import expand
     from model.downstream.data import resolve_task_files
-    from model.engine.checkpoint import checkpoint_path
     from model.engine.protocol import load_protocols, run_downstream, stage_config
+    from model.engine.resume import checkpoint_path
 
     torch.set_num_threads(int(os.environ.get("SOFTMASK_THREADS", "1")))
     (spec,) = expand(matrix, only=[cell], seeds=[seed])

@@ -6,7 +6,8 @@ express that split without decoder (causal) semantics, so the layer is assembled
 transformers' own building blocks (``BertEmbeddings``, ``BertSelfOutput``, ``BertIntermediate``,
 ``BertOutput``) plus a small attention core that runs fused SDPA and, for one chosen layer only,
 an explicit softmax whose probabilities (post-softmax, pre-dropout) are returned to the caller.
-Sub-module names equal BERT's, so checkpoint key mapping is a prefix rename (model/checkpoints.py).
+Sub-module names equal BERT's, so checkpoint key mapping is a prefix rename
+(model/checkpoints/keymap.py).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from tiny import synthetic_train_sets
 
 import model.engine.train as train_module
 from model.config.experiment import load_experiment
-from model.engine.checkpoint import checkpoint_path
 from model.engine.guard import Diverged, DivergenceGuard, total_grad_norm
 from model.engine.pipeline import run_cell
+from model.engine.resume import checkpoint_path
 from model.negatives import negative_weights, sample_hard_negatives
 from model.objective import StepOutput
 from slurm.status import grid_status

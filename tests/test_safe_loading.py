@@ -10,7 +10,7 @@ import torch
 from test_visualize import run  # noqa: F401  (module fixture: a trained tiny run directory)
 
 from model.checkpoints import CheckpointReadError, read_checkpoint
-from model.engine.checkpoint import checkpoint_path, load_checkpoint
+from model.engine.resume import checkpoint_path, load_checkpoint
 from model.evaluate import main as evaluate_main
 from model.export import main as export_main
 from model.method import visualize

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from model.data.transforms import build_transform
-from model.engine.checkpoint import checkpoint_path
 from model.engine.compositional import compositional_accuracy, load_negative_items
 from model.engine.data import build_eval_dataset, build_tokenizer
 from model.engine.localisation import load_box_items, localisation_scores
+from model.engine.resume import checkpoint_path
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.train import Trainer
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from model.config.schema import ExperimentConfig
-from model.engine.checkpoint import checkpoint_path
 from model.engine.distributed import barrier, cleanup_distributed
 from model.engine.evaluation import evaluate_trained
 from model.engine.guard import blowup_text, detect_blowup
+from model.engine.resume import checkpoint_path
 from model.engine.run_io import (
     DONE,
     FAILED,

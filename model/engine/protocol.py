@@ -46,10 +46,10 @@ from model.config.loader import (
 )
 from model.config.schema import ExperimentConfig
 from model.downstream.config import TaskConfig
-from model.engine.checkpoint import checkpoint_path
 from model.engine.data import build_eval_dataset, build_tokenizer, resolve_sources
 from model.engine.distributed import barrier, init_distributed
 from model.engine.evaluation import evaluate_trained, file_sha256
+from model.engine.resume import checkpoint_path
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.run_io import (
     CONFIG,

@@ -18,7 +18,6 @@ from model.build import build_objective
 from model.config.experiment import experiment_hash, recipe_hash
 from model.config.loader import dump_yaml, to_dict
 from model.config.schema import ExperimentConfig, check_world_size
-from model.engine.checkpoint import TrainState, checkpoint_path, load_checkpoint, save_checkpoint
 from model.engine.data import (
     DataSources,
     TrainData,
@@ -30,6 +29,7 @@ from model.engine.data import (
 from model.engine.distributed import DistInfo, init_distributed
 from model.engine.guard import DivergenceGuard
 from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
+from model.engine.resume import TrainState, checkpoint_path, load_checkpoint, save_checkpoint
 from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
 from model.engine.step import move_batch, train_step
 from model.engine.tracking import Tracker, make_tracker
@@ -118,7 +118,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
 def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
     """Initial weights: a whole checkpoint (``train.init_from``), else BERT / DeiT weights when
     the config names them. Every load reports missing/unexpected keys loudly and fails on
-    anything not on the explicit allow-list (model/checkpoints.py)."""
+    anything not on the explicit allow-list (model/checkpoints/loading.py)."""
     if cfg.train.init_from is not None:
         from model.checkpoints import load_albef_checkpoint
 

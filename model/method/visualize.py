@@ -456,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
     from model.build import build_objective
     from model.checkpoints import CheckpointReadError
     from model.data.transforms import build_transform
-    from model.engine.checkpoint import checkpoint_path, load_objective_weights
     from model.engine.data import build_tokenizer, resolve_sources, special_ids
+    from model.engine.resume import checkpoint_path, load_objective_weights
 
     run_dir: Path = args.run_dir
     cfg = _load_config(run_dir, args.sets)
