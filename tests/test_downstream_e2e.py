@@ -184,3 +184,17 @@ def test_nlvr_fine_tunes_from_albefs_text_assignment_file(pretrained, micro_prot
     report = prov["load_reports"][0]
     assert "official ALBEF text-assignment" in report and "MISMATCH" not in report
     assert "text-assignment step's 3-way head" in report
+
+
+def test_a_cells_headline_is_its_last_retrieval_stage_not_a_task() -> None:
+    """A cell with downstream: [coco_finetune, snli_ve, vqa] keeps COCO's R@K as the numbers
+    the ablation tables read; the task accuracies stay under its stages."""
+    from types import SimpleNamespace
+
+    from model.engine.pipeline import headline_stage
+
+    coco = SimpleNamespace(metrics={"TR@1": 70.0, "IR@1": 55.0})
+    stages = {"coco_finetune": coco, "snli_ve": SimpleNamespace(metrics={"val": 80.0}),
+              "vqa": SimpleNamespace(metrics={"test": 70.0})}
+    assert headline_stage(["coco_finetune", "snli_ve", "vqa"], stages) is coco
+    assert headline_stage(["snli_ve", "vqa"], {k: stages[k] for k in ("snli_ve", "vqa")}) is None

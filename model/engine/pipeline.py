@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
             raise
         finally:
             cleanup_distributed()
+
+
+def headline_stage(order: Sequence[str], stages: Mapping[str, Any]) -> Any | None:
+    """The stage whose numbers head a cell's result (what the ablation tables read): the last
+    retrieval stage listed (e.g. COCO 5K fine-tuned), never a SNLI-VE / NLVR2 / VQA stage, whose
+    accuracies are other metrics; None keeps the pre-training evaluation. Every stage is kept
+    under ``stages`` either way."""
+    for name in reversed(order):
+        if name in stages and "TR@1" in stages[name].metrics:
+            return stages[name]
+    return None
 
 
 def _launch_rank() -> int:
@@ -124,12 +136,12 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
         "last_losses": summary.last_losses, "wall_s": time.time() - t0,
     }
     if stages:
-        # Headline numbers = the last stage's (e.g. COCO 5K fine-tuned); every stage is kept.
-        last = stages[cfg.downstream[-1]]
         result["stages"] = {"pretrain": {"metrics": metrics, "provenance": provenance},
                             **{name: {"metrics": s.metrics, "provenance": s.provenance}
                                for name, s in stages.items()}}
-        result["metrics"], result["provenance"] = last.metrics, last.provenance
+        headline = headline_stage(cfg.downstream, stages)
+        if headline is not None:
+            result["metrics"], result["provenance"] = headline.metrics, headline.provenance
     if blowup is not None:
         result["diverged"] = {**blowup, "reason": blowup_text(blowup)}
     write_json_atomic(run_dir / RESULT, result)
