@@ -189,25 +189,39 @@ def _test_splits(name: str) -> list[str]:
     return {"snli_ve": ["val", "test"], "nlvr2": ["dev", "test-P"], "vqa": ["test"]}[name]
 
 
+def _eval_sizes() -> dict[str, tuple[int, int]]:
+    """(val / dev, test) examples of each stand-in, from the protocols' synthetic sizes."""
+    from model.data.synthetic_tasks import VE_STATEMENTS_PER_IMAGE, VQA_QUESTIONS_PER_IMAGE
+    from model.engine.protocol import load_protocols
+
+    registry = load_protocols()
+    per_image = {"snli_ve": VE_STATEMENTS_PER_IMAGE, "nlvr2": 1,
+                 "vqa": VQA_QUESTIONS_PER_IMAGE}
+    out = {}
+    for name in TASK_PROTOCOLS:
+        sizes = registry.get(name).task_config(True).synthetic
+        out[name] = (per_image[name] * sizes.val, per_image[name] * sizes.test)
+    return out
+
+
 def caption(runs: list[dict[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in runs})
-    sizes = {}
-    for run in runs[:1]:
-        for name, stage in run["stages"].items():
-            prov = stage["provenance"]
-            sizes[name] = (prov.get("train_examples"), prov.get("questions"))
+    train = {name: stage["provenance"].get("train_examples")
+             for run in runs[:1] for name, stage in run["stages"].items()}
+    ev = _eval_sizes()
     return (
         "Other downstream tasks. \"paper\": the paper's table (4M pre-training images; VinVL "
         "6M), quoted, not reproduced. \"ours\": this harness at CPU scale, accuracy in %, "
         f"mean ± std over {len(seeds)} pre-training seed(s) {seeds} of the tiny grid's cells "
         "(albef = ALBEF, full = SoftMask++), each fine-tuned with ALBEF's task recipe on a "
-        "SYNTHETIC stand-in (generated shapes scenes): VE 3 statements per image (450 val / 900 "
-        "test), NLVR2 statements about two scenes (150 dev / 300 test-P pairs), VQA 3 questions "
-        "per image scored with the VQA accuracy on a local split (900 questions; not EvalAI's "
+        "SYNTHETIC stand-in (generated shapes scenes): VE 3 statements per image "
+        f"({ev['snli_ve'][0]} val / {ev['snli_ve'][1]} test), NLVR2 statements about two scenes "
+        f"({ev['nlvr2'][0]} dev / {ev['nlvr2'][1]} test-P pairs), VQA 3 questions per image "
+        f"scored with the VQA accuracy on a local split ({ev['vqa'][1]} questions; not EvalAI's "
         "test-dev). Not comparable with the paper's numbers. Question-only prior: the most "
         "frequent training label of the identical text, no image (test split); with chance it "
         "says how much of ours needs the image. Training examples: "
-        + ", ".join(f"{k} {v[0]}" for k, v in sizes.items()) + ".")
+        + ", ".join(f"{k} {v}" for k, v in train.items()) + ".")
 
 
 def write_outputs(frame: pd.DataFrame, runs: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -25,8 +25,7 @@ from results.collect import (
     frame_to_records,
     load_curves,
     merge_with_raw,
-    read_raw,
-    read_raw_curves,
+    read_raw_file,
     records_to_frame,
     select_runs,
     write_raw,
@@ -118,13 +117,12 @@ def from_runs(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame,
 
 def from_raw(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild frame and curves from raw summaries (a cell/seed in two files: newest wins)."""
-    frames = [read_raw(path, args.skip_bad) for path in args.raw]
-    records = [r for f in frames for r in frame_to_records(f)]
+    files = [read_raw_file(path, args.skip_bad) for path in args.raw]
+    records = [r for runs, _ in files for r in frame_to_records(runs)]
     frame = records_to_frame(deduplicate(records))
     frame = select_runs(frame, preset=args.preset, cells=cells, seeds=args.seeds)
-    frame.attrs["skipped_lines"] = sum(f.attrs.get("skipped_lines", 0) for f in frames)
-    curves = pd.concat([read_raw_curves(path, args.skip_bad) for path in args.raw],
-                       ignore_index=True)
+    frame.attrs["skipped_lines"] = sum(runs.attrs.get("skipped_lines", 0) for runs, _ in files)
+    curves = pd.concat([c for _, c in files], ignore_index=True)
     live = set(frame.loc[frame["status"].isin(["done", "running"]), "run_id"].dropna())
     return frame, curves[curves["run_id"].isin(live)]
 

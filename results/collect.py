@@ -551,10 +551,7 @@ def _line_key(line: dict[str, Any]) -> str:
     return line.get("run_id") or f"<missing {line['cell']} s{line['seed']}>"
 
 
-def read_raw(path: Path, skip_bad: bool = False) -> pd.DataFrame:
-    """Read the run lines of a raw summary back into the tidy long frame (validated, see
-    :func:`read_raw_lines`; ``frame.attrs["skipped_lines"]`` counts the lines dropped)."""
-    lines, _, skipped = read_raw_lines(path, skip_bad)
+def _runs_frame(path: Path, lines: list[dict[str, Any]], skipped: int) -> pd.DataFrame:
     records = []
     for line in lines:
         record = {k: line.get(k) for k in RUN_COLUMNS}
@@ -568,10 +565,8 @@ def read_raw(path: Path, skip_bad: bool = False) -> pd.DataFrame:
     return frame
 
 
-def read_raw_curves(path: Path, skip_bad: bool = False) -> pd.DataFrame:
-    """Read the (subsampled) training curves of a raw summary in :func:`load_curves` format."""
+def _curves_frame(lines: list[dict[str, Any]]) -> pd.DataFrame:
     # Epochs are not kept in the raw file; plots only need steps.
-    _, lines, _ = read_raw_lines(path, skip_bad)
     rows = [
         {
             **{k: line[k] for k in ("grid", "cell", "seed", "run_id", "metric")},
@@ -583,6 +578,25 @@ def read_raw_curves(path: Path, skip_bad: bool = False) -> pd.DataFrame:
         for step, value in zip(line["step"], line["value"], strict=True)
     ]
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def read_raw_file(path: Path, skip_bad: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs (:func:`read_raw`) and curves (:func:`read_raw_curves`) of a raw summary,
+    reading and validating the file once."""
+    runs, curves, skipped = read_raw_lines(path, skip_bad)
+    return _runs_frame(Path(path), runs, skipped), _curves_frame(curves)
+
+
+def read_raw(path: Path, skip_bad: bool = False) -> pd.DataFrame:
+    """Read the run lines of a raw summary back into the tidy long frame (validated, see
+    :func:`read_raw_lines`; ``frame.attrs["skipped_lines"]`` counts the lines dropped)."""
+    runs, _, skipped = read_raw_lines(path, skip_bad)
+    return _runs_frame(Path(path), runs, skipped)
+
+
+def read_raw_curves(path: Path, skip_bad: bool = False) -> pd.DataFrame:
+    """Read the (subsampled) training curves of a raw summary in :func:`load_curves` format."""
+    return _curves_frame(read_raw_lines(path, skip_bad)[1])
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, int]:
@@ -599,14 +613,13 @@ def merge_with_raw(frame: pd.DataFrame, curves: pd.DataFrame, path: Path,
     """
     if not Path(path).is_file():
         return frame, curves
-    old_frame = read_raw(path, skip_bad)
+    old_frame, old_curves = read_raw_file(path, skip_bad)
     old, new = frame_to_records(old_frame), frame_to_records(frame)
     covered = {_key(r) for r in new if r["status"] != "missing"}
     kept_old = [r for r in old if _key(r) not in covered]
     old_keys = {_key(r) for r in kept_old}
     merged = [r for r in new if r["status"] != "missing" or _key(r) not in old_keys] + kept_old
     kept_ids = {r["run_id"] for r in kept_old}
-    old_curves = read_raw_curves(path, skip_bad)
     curves = pd.concat([curves, old_curves[old_curves["run_id"].isin(kept_ids)]],
                        ignore_index=True)
     if kept_old:

@@ -29,6 +29,7 @@ from model.checkpoints.keymap import (  # noqa: F401
     detect_format,
     infer_text_layers,
     map_albef_state,
+    map_keys,
     ours_key_to_albef,
     ours_to_albef,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "load_albef_checkpoint",
     "load_checkpoint_state",
     "map_albef_state",
+    "map_keys",
     "ours_key_to_albef",
     "ours_to_albef",
     "read_checkpoint",

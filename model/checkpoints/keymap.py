@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -235,6 +235,29 @@ def _droppable(key: str, state: Mapping[str, Tensor], fmt: AlbefFormat
     return None
 
 
+def map_keys(state: Mapping[str, Tensor], to_ours: Callable[[str], str | None],
+             dropped: Callable[[str], tuple[str, str | None] | None]) -> MappedState:
+    """Rename every key of ``state`` with ``to_ours``; ``dropped(key)`` gives (reason, problem
+    or None) for keys left out on purpose. Keys outside the map are kept under their own name
+    and listed in ``unknown`` (a loader then reports them as unexpected)."""
+    out = MappedState()
+    for key, value in state.items():
+        drop = dropped(key)
+        if drop is not None:
+            out.ignored[key] = drop[0]
+            if drop[1] is not None:
+                out.problems.append(drop[1])
+            continue
+        ours = to_ours(key)
+        if ours is None:
+            out.unknown.append(key)
+            out.state[key] = value
+        else:
+            out.state[ours] = value
+            out.names[ours] = key
+    return out
+
+
 def map_albef_state(
     state: Mapping[str, Tensor],
     text_layers: int,
@@ -243,21 +266,8 @@ def map_albef_state(
 ) -> MappedState:
     """Map an official state dict to our naming, keeping the details a loader reports."""
     albef_fmt = _resolve_albef_format(state, fmt)
-    out = MappedState()
-    for key, value in state.items():
-        dropped = _droppable(key, state, albef_fmt)
-        if dropped is not None:
-            out.ignored[key] = dropped[0]
-            if dropped[1] is not None:
-                out.problems.append(dropped[1])
-            continue
-        ours = albef_key_to_ours(key, text_layers, albef_fmt)
-        if ours is None:
-            out.unknown.append(key)
-            out.state[key] = value
-        else:
-            out.state[ours] = value
-            out.names[ours] = key
+    out = map_keys(state, lambda key: albef_key_to_ours(key, text_layers, albef_fmt),
+                   lambda key: _droppable(key, state, albef_fmt))
     if out.problems and on_problem == "raise":
         raise CheckpointMismatchError("inconsistent ALBEF state dict:\n  " +
                                       "\n  ".join(out.problems))

@@ -39,7 +39,7 @@ Transform = Callable[[Image.Image], torch.Tensor | Mapping[str, torch.Tensor]]
 MAX_CONSECUTIVE_UNREADABLE = 64
 # What PIL raises for missing, truncated or corrupt files. SyntaxError is included because some
 # PIL decoders report malformed headers with it.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class AnnotationError(ValueError):
@@ -156,7 +156,7 @@ class _ImageCaptionBase(Dataset):
         raise NotImplementedError
 
     def _load_image(self, index: int) -> Image.Image:
-        """Item ``index``'s image as RGB (raises one of ``_IMAGE_ERRORS`` if unreadable)."""
+        """Item ``index``'s image as RGB (raises one of ``IMAGE_ERRORS`` if unreadable)."""
         with Image.open(self.image_root / self._image_path(index)) as raw:
             return raw.convert("RGB")  # forces the full decode, so corrupt data fails here
 
@@ -182,7 +182,7 @@ class _ImageCaptionBase(Dataset):
             current = (index + step) % n
             try:
                 image = self._load_image(current)
-            except _IMAGE_ERRORS as err:
+            except IMAGE_ERRORS as err:
                 self._note_bad(current, err)
                 continue
             # Outside the try: an error in the transform is a bug, not a bad file.
@@ -390,7 +390,7 @@ class RetrievalEvalDataset(_ImageCaptionBase):
         """Image view(s) of image ``index`` and the index itself."""
         try:
             image = self._load_image(index)
-        except _IMAGE_ERRORS as err:
+        except IMAGE_ERRORS as err:
             raise UnreadableImageError(
                 f"{self.ann_file}: image {index} ({self.image_root / self.image_paths[index]}) "
                 f"cannot be read: {err}"

@@ -48,6 +48,8 @@ NLVR_FILES = {s: f"nlvr_{s}.json" for s in SPLITS}
 VQA_FILES = {s: f"vqa_{s}.json" for s in SPLITS}
 ANSWER_LIST = "answer_list.json"
 _STREAMS = {"ve": 11, "nlvr": 12, "vqa": 13}
+VE_STATEMENTS_PER_IMAGE = 3  # one per label: entailment, contradiction, neutral
+VQA_QUESTIONS_PER_IMAGE = 3
 _SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
@@ -189,7 +191,7 @@ def _nlvr_split(scenes: _Scenes, seed: int, split: str, n: int) -> list[dict]:
 
 
 def _vqa_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Three (question, answer) pairs about one scene."""
+    """:data:`VQA_QUESTIONS_PER_IMAGE` (question, answer) pairs about one scene."""
     target = scene.objects[int(rng.integers(len(scene.objects)))]
     pool = [(f"what colour is the {target.shape}", target.colour),
             (f"what shape is the {target.colour} object", target.shape),
@@ -201,7 +203,7 @@ def _vqa_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, st
         pool += [(f"is the {subject.shape} {asked} the {other.shape}",
                   "yes" if asked == rel else "no"),
                  (f"what is {rel} the {_name(other)}", _name(subject))]
-    picks = rng.choice(len(pool), size=3, replace=False)
+    picks = rng.choice(len(pool), size=VQA_QUESTIONS_PER_IMAGE, replace=False)
     return [pool[int(p)] for p in picks]
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from model.data.captions import pre_caption
-from model.data.datasets import AnnotationError
+from model.data.datasets import IMAGE_ERRORS, AnnotationError, UnreadableImageError
 from model.data.tokenizer import TextTokenizer
 
 # ALBEF's label ids (its SNLI-VE dataset maps entailment 2, neutral 1, contradiction 0).
@@ -209,6 +209,9 @@ def load_answer_list(path: str | Path) -> list[str]:
 
 
 class _Images:
+    """Task images under one root; an unreadable one is an error naming the file (task splits
+    are small and scored per example: no silent substitution)."""
+
     def __init__(self, image_root: str | Path, transform: Transform) -> None:
         self.root = Path(image_root)
         self.transform = transform
@@ -217,9 +220,10 @@ class _Images:
         path = self.root / relative
         try:
             with Image.open(path) as img:
-                return self.transform(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+                image = img.convert("RGB")  # the full decode: corrupt data fails here
+        except IMAGE_ERRORS as err:
+            raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        return self.transform(image)  # outside the try: a transform error is a bug
 
 
 class _RecordDataset(Dataset):

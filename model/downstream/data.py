@@ -24,7 +24,6 @@ from model.data.task_data import (
     VEDataset,
     VQACollate,
     VQADataset,
-    VQARecord,
     load_answer_list,
     load_nlvr,
     load_ve,
@@ -32,7 +31,7 @@ from model.data.task_data import (
 )
 from model.data.transforms import build_transform
 from model.downstream.config import TaskConfig
-from model.engine.data import DataSources, synthetic_spec
+from model.engine.data import DataSources, crop_scale, synthetic_spec
 from model.engine.distributed import DistInfo
 
 
@@ -99,8 +98,7 @@ def _loader(dataset: Dataset, batch: int, collate, train: bool, cfg: ExperimentC
 
 
 def _transforms(cfg: ExperimentConfig, size: int):
-    crop = (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
-    train = build_transform("finetune", size, hflip=cfg.data.hflip, crop_scale=crop,
+    train = build_transform("finetune", size, hflip=cfg.data.hflip, crop_scale=crop_scale(cfg),
                             randaugment=cfg.data.randaugment)
     return train, build_transform("test", size)
 
@@ -153,13 +151,9 @@ def build_ta_loader(cfg: ExperimentConfig, task: TaskConfig, sources: DataSource
     from model.data.collate import PretrainCollate
 
     files = tuple(Path(f) for f in task.ta.train_files) or sources.train_files
-    crop = (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
     tf = build_transform("pretrain", image_size, hflip=cfg.data.hflip,
-                         crop_scale=crop, randaugment=cfg.data.randaugment)
+                         crop_scale=crop_scale(cfg), randaugment=cfg.data.randaugment)
     ds = PretrainDataset(files, sources.image_root, tf, cfg.data.max_words)
     collate = PretrainCollate(tokenizer, cfg.data.max_tokens, truncation=True)
     return _loader(ds, task.ta.batch_size, collate, True, cfg, dist, cfg.train.seed)
 
-
-def vqa_records(split: Split) -> list[VQARecord]:
-    return split.records

@@ -60,7 +60,6 @@ class TaskResult:
     task: str
     metrics: dict[str, float]
     provenance: dict[str, Any]
-    curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -222,9 +221,6 @@ def _rename_image(collate: Callable) -> Callable:
 def make_objective(task: TaskConfig, student: nn.Module, teacher: nn.Module | None,
                cfg: ExperimentConfig, pad_id: int, rank: int) -> TaskObjective:
     seed = cfg.train.seed + rank
-    if teacher is not None:
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     if task.name == "vqa":
         return VQAObjective(student, teacher, cfg.model.momentum, pad_id, seed)
     return ClassifyObjective(student, teacher, cfg.model.momentum, seed)

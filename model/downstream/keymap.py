@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from model.checkpoints import MappedState, bert_encoder_key
+from model.checkpoints import MappedState, bert_encoder_key, map_keys
 
 REASON_MOMENTUM = "momentum twin (*_m): not used to evaluate (ALBEF evaluates the student)"
 REASON_TA_UNUSED = "text-assignment file: text_proj / temp are not used by NLVR2"
@@ -108,22 +108,8 @@ def _dropped(key: str, state: Mapping[str, Tensor]) -> tuple[str, str | None] | 
 
 def map_official_task_state(state: Mapping[str, Tensor], text_layers: int) -> MappedState:
     """An official fine-tuned (or TA) state dict in the task models' naming."""
-    out = MappedState()
-    for key, value in state.items():
-        dropped = _dropped(key, state)
-        if dropped is not None:
-            out.ignored[key] = dropped[0]
-            if dropped[1]:
-                out.problems.append(dropped[1])
-            continue
-        ours = official_task_key_to_ours(key, text_layers)
-        if ours is None:
-            out.unknown.append(key)
-            out.state[key] = value
-        else:
-            out.state[ours] = value
-            out.names[ours] = key
-    return out
+    return map_keys(state, lambda key: official_task_key_to_ours(key, text_layers),
+                    lambda key: _dropped(key, state))
 
 
 def is_official_task_state(state: Mapping[str, Tensor]) -> bool:

@@ -8,7 +8,6 @@ targets weighted by ``alpha``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -35,21 +34,15 @@ class TaskStep:
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
-def frozen_twin(model: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(model)
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    return twin
-
-
 class TaskObjective(nn.Module):
-    """Base: ``student`` (trained), optional ``teacher`` (its momentum twin)."""
+    """Base: ``student`` (trained), optional ``teacher`` (its momentum twin, frozen here: it
+    only moves by the EMA)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, momentum: float,
                  seed: int = 0) -> None:
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.momentum = momentum
         self.generator = torch.Generator().manual_seed(seed)
 

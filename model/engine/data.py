@@ -76,10 +76,15 @@ def special_ids(tokenizer: TextTokenizer) -> SpecialIds:
                       vocab_size=tokenizer.vocab_size)
 
 
+def crop_scale(cfg: ExperimentConfig) -> tuple[float, float] | None:
+    """The RandomResizedCrop area range ``data.crop_min_scale`` asks for (None: ALBEF's)."""
+    return (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
+
+
 def train_transform(cfg: ExperimentConfig):
     """ALBEF's pre-training (or fine-tuning) view; with MMDA also the strong student view."""
     size, hflip = cfg.model.vision.image_size, cfg.data.hflip
-    crop = (cfg.data.crop_min_scale, 1.0) if cfg.data.crop_min_scale is not None else None
+    crop = crop_scale(cfg)
     ra = cfg.data.randaugment
     if cfg.mmda.enabled and cfg.mmda.strong_image:
         return build_multiview(size, hflip=hflip, crop_scale=crop, randaugment=ra,
