@@ -97,10 +97,12 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
                                       m.allow_download)
         errors += [f"cell '{s.cell}': {p}" for p in sources
                    if f"cell '{s.cell}': {p}" not in errors]
-        key = (d.kind, d.train_files, d.image_root, d.eval_file)
+        key = (d.kind, d.train_files, d.image_root, d.eval_file, d.format, d.shards.index)
         if d.kind == "synthetic" or key in seen:
             continue
         seen.add(key)
+        if d.format == "shards":
+            errors += [f"cell '{s.cell}': {e}" for e in check_shards(d.shards.index)]
         files = [Path(f) for f in d.train_files] + ([Path(d.eval_file)] if d.eval_file else [])
         missing = [f for f in files if not f.is_file()]
         errors += [f"cell '{s.cell}': data file not found: {f} (data.train_files / "
@@ -113,6 +115,21 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
             if not report.ok:
                 errors.append(f"cell '{s.cell}': data preflight failed:\n{report.to_markdown()}")
     return errors
+
+
+def check_shards(index: str) -> list[str]:
+    """The shard index parses and every local shard it lists exists (remote ones are opened
+    by the job)."""
+    from model.data.shards import ShardError, read_shard_index
+
+    try:
+        shards = read_shard_index(index)
+    except ShardError as err:
+        return [str(err)]
+    missing = [u for u in shards.urls
+               if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    return [f"shard index {index}: {len(missing)} of {len(shards.urls)} shards not found, "
+            f"e.g. {missing[0]}"] if missing else []
 
 
 def check_tiers(specs: Sequence[RunSpec], override: str | None) -> list[str]:

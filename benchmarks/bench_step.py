@@ -52,7 +52,8 @@ def run_benchmark(cases: Sequence[Case], device: str | torch.device, out_dir: st
                   iters: int = 50, warmup: int = 10, *, suite: Suite | None = None,
                   breakdown: bool = False, memory: bool = True, memory_steps: int = 3,
                   flops: bool = True, seed: int = 0, threads: int | None = None,
-                  data_wait_steps: int = 0) -> pd.DataFrame:
+                  data_wait_steps: int = 0, data_formats: Sequence[str] = ("json",),
+                  data_workers: Sequence[int | None] = (None,)) -> pd.DataFrame:
     """Time, count and measure every case; write raw rows and tables; return the raw rows.
 
     Writes ``steps.csv`` (one row per case x variant), ``iterations.csv`` (every timed step),
@@ -88,7 +89,8 @@ def run_benchmark(cases: Sequence[Case], device: str | torch.device, out_dir: st
         update_peak(peaks, precision, dev, peak_cfg)
     write_outputs(rows, iterations, peaks, env, suite, out)
     if data_wait_steps > 0:
-        waits = [w for case in cases for w in data_wait_rows(case, dev, data_wait_steps, seed)]
+        waits = [w for case in cases for w in data_wait_rows(case, dev, data_wait_steps, seed,
+                                                              data_formats, data_workers)]
         write_data_wait(pd.DataFrame(waits), env, out)
     return pd.DataFrame(rows)
 
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-wait", type=int, default=0, metavar="STEPS",
                         help="also measure the data-loading wait over STEPS real batches "
                         "(synthetic data; generated on first use)")
+    parser.add_argument("--data-formats", nargs="+", choices=("json", "shards"),
+                        default=["json"], help="data formats the data wait is measured for")
+    parser.add_argument("--data-workers", nargs="+", type=int, default=None,
+                        help="loader worker counts for the data wait (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", default=str(DEFAULT_CASES), help="cases YAML")
@@ -151,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     df = run_benchmark(cases, args.device, args.out, args.iters, args.warmup, suite=suite,
                        breakdown=args.breakdown, memory=not args.no_memory,
                        memory_steps=args.memory_steps, flops=not args.no_flops,
-                       seed=args.seed, threads=args.threads, data_wait_steps=args.data_wait)
+                       seed=args.seed, threads=args.threads, data_wait_steps=args.data_wait,
+                       data_formats=args.data_formats, data_workers=args.data_workers or [None])
     sys.stdout.write((Path(args.out) / "cost_table.md").read_text(encoding="utf-8"))
     return 0 if (df["status"] == "ok").all() else 1
 

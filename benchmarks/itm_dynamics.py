@@ -138,10 +138,9 @@ def run_variant(name: str, sets: Sequence[str], preset: str, steps: int, every: 
     probe = Probe(tr, probe_size)
     tr.model.train()
     rows: list[dict[str, Any]] = []
-    per_epoch = tr.data.sampler.batches_per_epoch
+    per_epoch = tr.data.batches_per_epoch
     while tr.state.global_step < steps:
-        tr.data.sampler.set_epoch(tr.state.epoch, start_batch=0)
-        tr.data.dataset.set_epoch(tr.state.epoch)
+        tr.data.set_epoch(tr.state.epoch, start_batch=0)
         for batch in tr.data.loader:
             st = tr.state
             set_lr(tr.optimizer, lr_at(cfg.train, st.epoch, st.batch))

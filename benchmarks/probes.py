@@ -11,12 +11,14 @@ import each other.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +88,22 @@ def add_memory(rows: list[dict[str, Any]], case: Case, device: torch.device, sui
 
 
 # --------------------------------------------------------------------------- data wait
-def data_wait_config(case: Case, variant: Variant, cache_dir: Path | None) -> ExperimentConfig:
+def data_wait_config(case: Case, variant: Variant, cache_dir: Path | None,
+                     extra: Sequence[str] = ()) -> ExperimentConfig:
     """The variant with the real synthetic-data pipeline: images at the model's size and the
     tokenizer's vocabulary; the generated set is cached under ``cache_dir`` (config default
-    when None)."""
+    when None). ``extra``: further ``key=value`` items (data format, loader workers)."""
     size = experiment_config(case, variant).model.vision.image_size
     sets = [*case.model.sets, *variant.sets, f"train.batch_size={case.batch}",
-            "model.text.vocab_size=null", f"data.synthetic.image_size={size}"]
+            "model.text.vocab_size=null", f"data.synthetic.image_size={size}", *extra]
     if cache_dir is not None:
         sets.append(f"data.cache_dir={cache_dir}")
     return load_experiment(preset=case.model.preset, sets=sets)
 
 
 def measure_data_wait(case: Case, variant: Variant, device: torch.device, steps: int,
-                      seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+                      seed: int, cache_dir: Path | None = None, extra: Sequence[str] = ()
+                      ) -> dict[str, Any]:
     """Seconds per step that training waits for the next batch of a real DataLoader.
 
     The loop is the trainer's: ``next(loader)`` (timed: the wait), then ``train_step`` on the
@@ -112,7 +116,7 @@ def measure_data_wait(case: Case, variant: Variant, device: torch.device, steps:
     from model.engine.distributed import DistInfo
     from model.engine.step import move_batch
 
-    cfg = data_wait_config(case, variant, cache_dir)
+    cfg = data_wait_config(case, variant, cache_dir, extra)
     if cfg.data.kind != "synthetic":
         return {"data_status": "skipped", "data_detail": "preset has no synthetic data"}
     sources = resolve_sources(cfg)
@@ -123,7 +127,7 @@ def measure_data_wait(case: Case, variant: Variant, device: torch.device, steps:
     optimizer = build_optimizer(objective, cfg.train)
     waits, computes = [], []
     batches = iter(data.loader)
-    for i in range(min(steps + 1, data.sampler.batches_per_epoch)):
+    for i in range(min(steps + 1, data.batches_per_epoch)):
         start = time.perf_counter()
         batch = move_batch(next(batches), device)
         synchronize(device)
@@ -134,22 +138,28 @@ def measure_data_wait(case: Case, variant: Variant, device: torch.device, steps:
             waits.append(got - start)
             computes.append(time.perf_counter() - got)
     wait, wait_p10, wait_p90 = spread(waits)
-    return {"data_status": "ok", "data_detail": "", "num_workers": cfg.data.num_workers,
+    return {"data_status": "ok", "data_detail": "", "data_format": cfg.data.format,
+            "num_workers": cfg.data.num_workers,
             "data_steps": len(waits), "wait_s_median": wait, "wait_s_p10": wait_p10,
             "wait_s_p90": wait_p90, "step_s_median": spread(computes)[0],
             "wait_fraction": ratio(sum(waits), sum(waits) + sum(computes))}
 
 
-def data_wait_rows(case: Case, device: torch.device, steps: int, seed: int
+def data_wait_rows(case: Case, device: torch.device, steps: int, seed: int,
+                   formats: Sequence[str] = ("json",), workers: Sequence[int | None] = (None,)
                    ) -> list[dict[str, Any]]:
-    """Data wait of ALBEF (one standard view) and Ours (two views): the two loader workloads."""
+    """Data wait of ALBEF (one standard view) and Ours (two views): the two loader workloads,
+    for each data format (ALBEF JSON + image files, or tar shards) and loader worker count
+    (None: the preset's)."""
     rows = []
     for variant in (v for v in case.variants if v.name in ("albef", "ours")):
-        try:
-            result = measure_data_wait(case, variant, device, steps, seed)
-        except (RuntimeError, OSError, ValueError) as exc:  # e.g. OOM, unreadable data
-            status, detail = describe_failure(exc)
-            result = {"data_status": status, "data_detail": detail}
-        rows.append({"case": case.name, "variant": variant.name, **result})
-        log.info("%s %s: data wait %s", case.name, variant.name, result)
+        for fmt, n in itertools.product(formats, workers):
+            extra = [f"data.format={fmt}", *([f"data.num_workers={n}"] if n is not None else [])]
+            try:
+                result = measure_data_wait(case, variant, device, steps, seed, extra=extra)
+            except (RuntimeError, OSError, ValueError) as exc:  # e.g. OOM, unreadable data
+                status, detail = describe_failure(exc)
+                result = {"data_status": status, "data_detail": detail, "data_format": fmt}
+            rows.append({"case": case.name, "variant": variant.name, **result})
+            log.info("%s %s %s: data wait %s", case.name, variant.name, fmt, result)
     return rows

@@ -188,7 +188,8 @@ def write_planning(df: pd.DataFrame, suite: Suite, env: dict[str, Any], out: Pat
 
 
 # Raw data-wait column -> number format, in table order.
-DATA_WAIT_COLUMNS = {"case": "", "variant": "", "num_workers": "d", "data_steps": "d",
+DATA_WAIT_COLUMNS = {"case": "", "variant": "", "data_format": "", "num_workers": "d",
+                     "data_steps": "d",
                      "wait_s_median": ".4f", "wait_s_p90": ".4f", "step_s_median": ".3f",
                      "wait_fraction": ".4f", "data_status": ""}
 
@@ -198,8 +199,9 @@ def write_data_wait(waits: pd.DataFrame, env: dict[str, Any], out: Path) -> None
     write_text_atomic(out / "data_wait.csv", waits.to_csv(index=False))
     shown = waits[[c for c in DATA_WAIT_COLUMNS if c in waits]]
     caption = (f"Data-loading wait per step on {env['device_name']}: real DataLoader over the "
-               "generated synthetic set, measured while training (wait_fraction = wait / "
-               "(wait + step)).")
+               "generated synthetic set (data_format json: caption file + PNG files; shards: "
+               "the same samples in tar shards), measured while training (wait_fraction = "
+               "wait / (wait + step)).")
     write_text_atomic(out / "data_wait.md", render_markdown(shown, DATA_WAIT_COLUMNS, caption))
 
 

@@ -22,6 +22,7 @@ from tiny import (
     tiny_objective,
 )
 
+from model.checkpoints import read_checkpoint
 from model.config.experiment import load_experiment
 from model.config.schema import TrainConfig
 from model.engine.optim import alpha_at, build_optimizer, lr_at, param_groups
@@ -175,10 +176,12 @@ def _assert_same_objective(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert not different, different
 
 
-def _check_resume(cache: Path, root: Path, extra_b: tuple[str, ...] = ()) -> None:
+def _check_resume(cache: Path, root: Path, extra_b: tuple[str, ...] = (),
+                  common: tuple[str, ...] = ()) -> None:
     """Run A: 6 steps straight. Run B (with ``extra_b``): 3 steps, then a fresh call to 6."""
-    cfg_a = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache)))
-    cfg = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache), *extra_b))
+    cfg_a = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache), *common))
+    cfg = load_experiment(preset="tiny", sets=synthetic_train_sets(str(cache), *common,
+                                                                   *extra_b))
     with stop_training_after(6):
         summary_a, tr_a = train(cfg_a, root / "a", progress=False, device="cpu")
     assert summary_a.steps == 6
@@ -210,6 +213,40 @@ def test_resume_is_exact_with_a_loader_worker(synthetic_cache: Path, tmp_path: P
     is exact with workers, and the data stream does not depend on the number of workers
     (num_workers is outside the config hash, so B may resume under either setting)."""
     _check_resume(synthetic_cache, tmp_path, ("data.num_workers=1",))
+
+
+SHARD_SETS = ("data.format=shards", "data.shards.streams_per_rank=2",
+              "data.shards.shuffle_block=5", "data.shards.synthetic_maxcount=40")
+
+
+def test_resume_is_exact_on_the_shard_path(synthetic_cache: Path, tmp_path: Path) -> None:
+    """Shards of 40 samples, 2 streams, shuffle blocks of 5: step 3 stops one stream after 32
+    samples, inside a block and inside its second shard; B resumes with two loader workers."""
+    _check_resume(synthetic_cache, tmp_path, ("data.num_workers=2",), common=SHARD_SETS)
+    payload = read_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    streams = payload["data"]["streams"]
+    assert payload["data"]["format"] == "shards" and len(streams) == 2
+    assert [s["samples_done"] for s in streams] == [48, 48]  # 6 steps, 16 per batch
+    assert all(s["shard"].endswith(".tar") for s in streams)
+
+
+def test_resume_on_a_changed_shard_list_is_refused(synthetic_cache: Path,
+                                                   tmp_path: Path) -> None:
+    cfg = load_experiment(preset="tiny", sets=synthetic_train_sets(str(synthetic_cache),
+                                                                   *SHARD_SETS))
+    with stop_training_after(1):
+        _, tr = train(cfg, tmp_path, progress=False, device="cpu")
+    index = Path(tr.sources.shard_index)
+    saved = index.read_text()
+    try:
+        data = json.loads(saved)
+        data["shardlist"] = data["shardlist"][:-1]
+        index.write_text(json.dumps(data))
+        with pytest.raises(RuntimeError, match="shard index now lists"):
+            with stop_training_after(2):
+                train(cfg, tmp_path, progress=False, device="cpu")
+    finally:
+        index.write_text(saved)
 
 
 def test_resume_with_another_config_is_refused(synthetic_cache: Path, tmp_path: Path) -> None:

@@ -97,6 +97,19 @@ def test_dry_run_rejects_missing_data_path(capsys, tmp_path: Path) -> None:
     assert f"{tmp_path}/nope.json" in err and "data.train_files" in err
 
 
+def test_dry_run_checks_the_shard_index(capsys, tmp_path: Path) -> None:
+    base = ["--dry-run", "--preset", "base", "--seeds", "1", "--only", "albef", "--set",
+            "data.format=shards", "--runs-root", str(tmp_path)]
+    assert run_grid.main([*base, "--set", f"data.shards.index={tmp_path}/none.json"]) == 2
+    assert f"shard index {tmp_path}/none.json does not exist" in capsys.readouterr().err
+    (tmp_path / "shards.json").write_text(
+        '{"shardlist": [{"url": "00000.tar", "nsamples": 4}, {"url": "pipe:cat x", '
+        '"nsamples": 4}]}')
+    assert run_grid.main([*base, "--set", f"data.shards.index={tmp_path}/shards.json"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 shards not found" in err and f"{tmp_path}/00000.tar" in err
+
+
 def test_dry_run_names_unreadable_weights_tokenizer_and_tiers(capsys, tmp_path: Path,
                                                               monkeypatch) -> None:
     """Everything a job would fail on later is reported by the dry run, together."""
@@ -151,10 +164,11 @@ def test_dry_run_rejects_bad_matrix_key(capsys, tmp_path: Path) -> None:
     assert rc == 2 and str(matrix) in err and "'seed'" in err and "seeds" in err
 
 
-def _grid_args(matrix: Path, runs: Path, out: Path, cache: Path, cells: list[str]) -> list[str]:
+def _grid_args(matrix: Path, runs: Path, out: Path, cache: Path, cells: list[str],
+               extra: tuple[str, ...] = ()) -> list[str]:
     args = ["--matrix", str(matrix), "--only", *cells, "--seeds", "1", "--runs-root", str(runs),
             "--results-out", str(out), "--max-parallel", "2"]
-    for item in tiny_grid_sets(cache):
+    for item in (*tiny_grid_sets(cache), *extra):
         args += ["--set", item]
     return args
 
@@ -191,6 +205,28 @@ def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
     assert rc == 0
     assert "runs to do" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime for p in grid.glob("*/result.json")} == mtimes
+
+
+@pytest.mark.slow
+def test_a_tiny_cell_runs_on_the_shard_path(capsys, tmp_path: Path,
+                                            synthetic_cache: Path) -> None:
+    """The albef cell trained from tar shards (generated from the synthetic set) with a loader
+    worker, evaluated as on the JSON path; its run identity differs from the JSON cell's."""
+    matrix, runs, out = _copy_matrix(tmp_path), tmp_path / "runs", tmp_path / "results"
+    shard_sets = ("data.format=shards", "data.shards.streams_per_rank=2",
+                  "data.shards.synthetic_maxcount=32", "data.num_workers=1")
+    assert run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef"],
+                                    shard_sets)) == 0
+    (run_dir,) = (runs / "softmask_ablation").glob("albef__*")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert {"TR@1", "IR@1", "comp/mean"} <= set(result["metrics"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    # 128 samples = 2 streams x 4 batches of 16 per epoch, as many as the JSON path, 2 epochs
+    assert len(train_rows) == 16 and all(r["data_wait_s"] >= 0 for r in train_rows)
+    shards = list((synthetic_cache).glob("synthetic_*/shards_32/*.tar"))
+    assert len(shards) == 4  # 128 images, 32 per shard
+    capsys.readouterr()
 
 
 _CHILD_SURVIVES_SIGTERM = """

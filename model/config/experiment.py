@@ -17,7 +17,7 @@ from model.config.loader import (
     unflatten,
 )
 from model.config.presets import preset_layer
-from model.config.schema import ExperimentConfig
+from model.config.schema import ExperimentConfig, ShardDataConfig
 
 # Settings that change where or how fast a run goes, not what it computes.
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
@@ -59,7 +59,8 @@ def load_experiment(
 
 # Knobs added after runs existed, left out of the identity while they hold the value every
 # earlier run computed with, so that adding a knob does not rename every run directory.
-OMIT_IF_DEFAULT: dict[str, object] = {"train.grad_clip": None, "eval.rerank": "batched"}
+OMIT_IF_DEFAULT: dict[str, object] = {"train.grad_clip": None, "eval.rerank": "batched",
+                                      "data.format": "json", "data.shards": ShardDataConfig()}
 
 
 def _identity_exclude(cfg: ExperimentConfig) -> tuple[str, ...]:

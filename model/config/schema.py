@@ -229,6 +229,38 @@ class SyntheticDataConfig:
 
 
 @dataclass(frozen=True)
+class ShardDataConfig:
+    """Pre-training from webdataset tar shards (``data.format = shards``; model/data/shards.py).
+
+    ``index``: the shard list (``{"shardlist": [{"url", "nsamples"}]}``, written by
+    ``python -m model.data.prepare shards`` or ``shard-index``); generated for synthetic data.
+    ``streams_per_rank``: independent shard streams per rank; ``data.num_workers`` must divide
+    it, and the data order depends on it (not on the worker count). ``sampling``: ``epoch``
+    (every sample at most once per epoch) or ``resample`` (shards drawn with replacement,
+    ``samples_per_epoch`` per epoch; None = the index's total). ``shuffle_block``: samples
+    shuffled together (memory per stream, and the most a resume re-reads).
+    """
+
+    index: str = ""
+    streams_per_rank: int = 8
+    sampling: Literal["epoch", "resample"] = "epoch"
+    shuffle_block: int = 1000
+    samples_per_epoch: int | None = None
+    # Synthetic data only: samples per generated shard.
+    synthetic_maxcount: int = 500
+
+    def __post_init__(self) -> None:
+        _check(self.streams_per_rank >= 1, "streams_per_rank",
+               f"must be >= 1, got {self.streams_per_rank}")
+        _check(self.shuffle_block >= 1, "shuffle_block", f"must be >= 1, got {self.shuffle_block}")
+        _check(self.synthetic_maxcount >= 1, "synthetic_maxcount",
+               f"must be >= 1, got {self.synthetic_maxcount}")
+        if self.samples_per_epoch is not None:
+            _check(self.samples_per_epoch >= 1, "samples_per_epoch",
+                   f"must be >= 1, got {self.samples_per_epoch}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from. Paths are relative to the working directory unless absolute."""
 
@@ -251,6 +283,9 @@ class DataConfig:
     num_workers: int = 4
     cache_dir: str = "data_cache"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # Pre-training samples from ALBEF caption files + image files ("json") or from tar shards.
+    format: Literal["json", "shards"] = "json"
+    shards: ShardDataConfig = field(default_factory=ShardDataConfig)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
@@ -258,9 +293,17 @@ class DataConfig:
         if self.crop_min_scale is not None:
             _check(0.0 < self.crop_min_scale <= 1.0, "crop_min_scale",
                    f"must be in (0, 1], got {self.crop_min_scale}")
-        if self.kind == "albef_json":
+        if self.kind == "albef_json" and self.format == "json":
             _check(len(self.train_files) > 0, "train_files",
                    "must list at least one annotation file when kind = albef_json")
+        if self.format == "shards":
+            if self.kind == "albef_json":
+                _check(bool(self.shards.index), "shards.index",
+                       "must name the shard index (shards.json) when format = shards")
+            workers, streams = self.num_workers, self.shards.streams_per_rank
+            _check(workers == 0 or streams % workers == 0, "num_workers",
+                   f"must divide data.shards.streams_per_rank={streams} when format = shards "
+                   f"(got {workers}); each worker owns streams_per_rank / num_workers streams")
 
 
 @dataclass(frozen=True)
@@ -390,6 +433,10 @@ class ExperimentConfig:
         _check(self.model.queue_size % self.train.batch_size == 0, "model",
                f"model.queue_size={self.model.queue_size} must be divisible by "
                f"train.batch_size={self.train.batch_size} (ALBEF enqueues whole batches)")
+        if self.data.format == "shards":
+            _check(self.train.mode == "pretrain", "data",
+                   "data.format = shards streams pre-training samples; train.mode = retrieval "
+                   "needs the caption files (data.format = json)")
 
     @property
     def gradcam_bert_layer(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -77,14 +78,26 @@ class SeededDataset(Dataset):
         return getattr(self.base, name)
 
     def __getitem__(self, index: int) -> Any:
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**31)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_draws(sample_seed(self.seed, self.epoch, index)):
+            return self.base[index]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random draws in ``epoch`` (JSON and shard paths alike)."""
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
+
+
+@contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Seed torch's, NumPy's and Python's RNGs for a block and restore them afterwards (so the
+    main process's training randomness is untouched when there are no loader workers)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -151,6 +151,9 @@ def build_ta_loader(cfg: ExperimentConfig, task: TaskConfig, sources: DataSource
     from model.data.collate import PretrainCollate
 
     files = tuple(Path(f) for f in task.ta.train_files) or sources.train_files
+    if not files:
+        raise ValueError("nlvr2's text-assignment step reads ALBEF caption files and the cell "
+                         "has none (data.format = shards): set task.ta.train_files")
     tf = build_transform("pretrain", image_size, hflip=cfg.data.hflip,
                          crop_scale=crop_scale(cfg), randaugment=cfg.data.randaugment)
     ds = PretrainDataset(files, sources.image_root, tf, cfg.data.max_words)

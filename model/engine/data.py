@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,6 +13,7 @@ from model.config.schema import ExperimentConfig
 from model.data.collate import PretrainCollate
 from model.data.datasets import PretrainDataset, RetrievalEvalDataset, RetrievalTrainDataset
 from model.data.sampling import ResumableSampler, SeededDataset
+from model.data.shards import INDEX_FILE, ShardStream, read_shard_index, write_shards
 from model.data.synthetic import SyntheticSpec, generate
 from model.data.tokenizer import TextTokenizer
 from model.data.transforms import build_multiview, build_transform
@@ -33,6 +35,7 @@ class DataSources:
     # Object boxes of the evaluation images (synthetic data only): Grad-CAM localisation.
     boxes_file: Path | None = None
     allow_download: bool = False  # model.allow_download: a hub tokenizer may be fetched
+    shard_index: Path | None = None  # data.format = shards: the shard list to stream from
 
 
 def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
@@ -49,17 +52,23 @@ def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) ->
     if d.kind == "synthetic":
         spec = synthetic_spec(cfg)
         root = Path(d.cache_dir) / f"synthetic_{spec.hash()}"
+        shard_dir = root / f"shards_{d.shards.synthetic_maxcount}"
         if dist_info is None or dist_info.is_main:
             paths = generate(root, spec)
+            if d.format == "shards" and not (shard_dir / INDEX_FILE).is_file():
+                write_shards([paths.train_file], paths.root, shard_dir,
+                             d.shards.synthetic_maxcount)
         barrier()
         paths = generate(root, spec)  # cached: returns immediately once written
         return DataSources((paths.train_file,), paths.root, paths.test_file, "albef",
-                           paths.negatives_file, paths.vocab_file, True, paths.boxes_file)
+                           paths.negatives_file, paths.vocab_file, True, paths.boxes_file,
+                           shard_index=shard_dir / INDEX_FILE if d.format == "shards" else None)
     return DataSources(
         tuple(Path(f) for f in d.train_files), Path(d.image_root),
         Path(d.eval_file) if d.eval_file else None, d.eval_format,
         Path(d.negatives_file) if d.negatives_file else None, d.tokenizer, False,
         allow_download=cfg.model.allow_download,
+        shard_index=Path(d.shards.index) if d.format == "shards" else None,
     )
 
 
@@ -95,22 +104,43 @@ def train_transform(cfg: ExperimentConfig):
 
 @dataclass
 class TrainData:
-    dataset: SeededDataset
-    sampler: ResumableSampler
+    """The training loader and where it stands: ``batches_per_epoch`` batches per rank per
+    epoch, ``set_epoch(epoch, start_batch)`` before each epoch's iterator (exact resume)."""
+
+    dataset: SeededDataset | ShardStream
     loader: DataLoader
+    sampler: ResumableSampler | None = None  # the JSON path's index sampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.sampler or self.dataset).batches_per_epoch  # type: ignore[union-attr]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_batch=start_batch)
+            self.dataset.set_epoch(epoch)
+        else:
+            self.dataset.set_epoch(epoch, start_batch)  # type: ignore[call-arg]
+
+    def shard_list(self) -> list[list[Any]] | None:
+        """The streamed shards and their counts (None on the JSON path)."""
+        if isinstance(self.dataset, ShardStream):
+            return self.dataset.index.fingerprint()
+        return None
+
+    def position(self, epoch: int, start_batch: int) -> dict[str, Any]:
+        """Where the data continues, for the checkpoint (shards: shard + offset per stream)."""
+        if isinstance(self.dataset, ShardStream):
+            return {"format": "shards", "shards": self.shard_list(),
+                    "streams": self.dataset.position(epoch, start_batch)}
+        return {"format": "json", "epoch": epoch, "batch": start_batch}
 
 
-def build_train_data(cfg: ExperimentConfig, sources: DataSources, tokenizer: TextTokenizer,
-                     dist_info: DistInfo) -> TrainData:
-    """Seeded dataset + resumable sampler + loader (pinned memory on CUDA, drop_last)."""
-    cls = RetrievalTrainDataset if cfg.train.mode == "retrieval" else PretrainDataset
-    base = cls(sources.train_files, sources.image_root, train_transform(cfg), cfg.data.max_words)
-    dataset = SeededDataset(base, cfg.train.seed)
-    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed,
-                               dist_info.rank, dist_info.world_size)
+def _loader(cfg: ExperimentConfig, dataset: Any, tokenizer: TextTokenizer, dist_info: DistInfo,
+            sampler: ResumableSampler | None) -> DataLoader:
     # ALBEF truncates pre-training captions to 25 tokens; retrieval training does not truncate.
     max_len = cfg.data.max_tokens if cfg.train.mode == "pretrain" else None
-    loader = DataLoader(
+    return DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.data.num_workers, pin_memory=dist_info.device.type == "cuda",
         collate_fn=PretrainCollate(tokenizer, max_len, truncation=max_len is not None),
@@ -119,7 +149,28 @@ def build_train_data(cfg: ExperimentConfig, sources: DataSources, tokenizer: Tex
         # shift dropout's stream by one draw whenever an iterator is created (breaks resume).
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    return TrainData(dataset, sampler, loader)
+
+
+def build_train_data(cfg: ExperimentConfig, sources: DataSources, tokenizer: TextTokenizer,
+                     dist_info: DistInfo) -> TrainData:
+    """Seeded dataset + resumable sampler + loader (pinned memory on CUDA, drop_last), or the
+    shard stream (``data.format = shards``), which splits and resumes itself."""
+    if sources.shard_index is not None:
+        sh = cfg.data.shards
+        stream = ShardStream(read_shard_index(sources.shard_index), train_transform(cfg),
+                             batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                             rank=dist_info.rank, world_size=dist_info.world_size,
+                             streams_per_rank=sh.streams_per_rank, sampling=sh.sampling,
+                             shuffle_block=sh.shuffle_block,
+                             samples_per_epoch=sh.samples_per_epoch,
+                             max_words=cfg.data.max_words)
+        return TrainData(stream, _loader(cfg, stream, tokenizer, dist_info, None))
+    cls = RetrievalTrainDataset if cfg.train.mode == "retrieval" else PretrainDataset
+    base = cls(sources.train_files, sources.image_root, train_transform(cfg), cfg.data.max_words)
+    dataset = SeededDataset(base, cfg.train.seed)
+    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed,
+                               dist_info.rank, dist_info.world_size)
+    return TrainData(dataset, _loader(cfg, dataset, tokenizer, dist_info, sampler), sampler)
 
 
 def build_eval_dataset(cfg: ExperimentConfig, sources: DataSources) -> RetrievalEvalDataset:

@@ -299,12 +299,18 @@ def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
     Layers: ``cfg``, then the override files of every protocol on the chain from ``pretrain`` to
     ``name`` (with their ``synthetic`` layers when the result has ``data.kind = synthetic``, or
     as ``synthetic`` forces), then ``sets`` (``key=value``), then
-    ``train.init_from = init_from`` (when given) and ``downstream = ()``.
+    ``train.init_from = init_from`` (when given) and ``downstream = ()``. The stage always
+    reads ALBEF JSON files (``data.format = json``).
     """
     registry = registry or load_protocols()
     registry.get(name)
     user = [("--set", parse_dotlist(sets))] if sets else []
-    base = [(source, to_dict(cfg))]
+    cell = to_dict(cfg)
+    # Stages read caption or task files: a cell pre-trained from shards hands on its weights,
+    # not its data format.
+    cell["data"].pop("shards", None)
+    cell["data"]["format"] = "json"
+    base = [(source, cell)]
     if synthetic is None:
         merged, _ = merge_layers([*base, *_protocol_layers(registry, name, False), *user])
         synthetic = (merged.get("data") or {}).get("kind") == "synthetic"

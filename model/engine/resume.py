@@ -62,9 +62,11 @@ def _set_rng_state(objective: Objective, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.optim.Optimizer,
-                    state: TrainState, config: dict[str, Any], config_hash: str) -> Path:
+                    state: TrainState, config: dict[str, Any], config_hash: str,
+                    data_position: dict[str, Any] | None = None) -> Path:
     """Write the full checkpoint atomically (tmp file, fsync, rename): a crash or a preemption
-    mid-write leaves the previous checkpoint intact."""
+    mid-write leaves the previous checkpoint intact. ``data_position``: where the data stream
+    continues (for shards: the shard list and each stream's shard and offset)."""
     path = checkpoint_path(run_dir)
     payload = {
         "objective": objective.state_dict(),
@@ -74,6 +76,7 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
         "config": config,
         "config_hash": config_hash,
         "format": "softmask-harness/full/v1",
+        "data": data_position,
     }
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
@@ -85,12 +88,13 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
 
 
 def load_checkpoint(run_dir: str | Path, objective: Objective,
-                    optimizer: torch.optim.Optimizer | None, config_hash: str
-                    ) -> TrainState | None:
+                    optimizer: torch.optim.Optimizer | None, config_hash: str,
+                    shards: list[list[Any]] | None = None) -> TrainState | None:
     """Resume from ``run_dir``'s checkpoint if there is one; ``None`` otherwise.
 
     A checkpoint written under another config hash is refused (a silently different experiment
-    would continue).
+    would continue), and so is one written while streaming another shard list than ``shards``
+    (same config, but the index file's shards or counts changed: the stream would differ).
     """
     path = checkpoint_path(run_dir)
     if not path.exists():
@@ -101,6 +105,7 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
             f"{path} was written by config {payload.get('config_hash')} but this run's config "
             f"is {config_hash}; use a new run directory (the grid names one per config)"
         )
+    _check_shards(path, payload.get("data"), shards)
     objective.load_state_dict(payload["objective"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
@@ -109,6 +114,22 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step,
              state.epoch, state.batch)
     return state
+
+
+def _check_shards(path: Path, saved: dict[str, Any] | None,
+                  shards: list[list[Any]] | None) -> None:
+    before = (saved or {}).get("shards")
+    if shards is None or before is None:
+        return
+    if [list(s) for s in before] != shards:
+        raise RuntimeError(
+            f"{path} was written while streaming {len(before)} shards "
+            f"({sum(n for _, n in before)} samples) but the shard index now lists {len(shards)} "
+            f"({sum(n for _, n in shards)} samples); resuming would not continue the same "
+            f"stream: restore the index or start a new run directory")
+    for s in (saved or {}).get("streams", []):
+        log.info("data stream %d continues in %s at sample %d", s["stream"], s["shard"],
+                 s["offset"])
 
 
 def load_objective_weights(objective: nn.Module, path: str | Path, *,

@@ -69,7 +69,7 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        full = self.cfg.train.epochs * self.data.sampler.batches_per_epoch
+        full = self.cfg.train.epochs * self.data.batches_per_epoch
         return min(full, self.cfg.train.max_steps or full)
 
 
@@ -98,7 +98,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     _load_initial_weights(cfg, objective)
     objective.to(dist_info.device)
     optimizer = build_optimizer(objective, cfg.train)
-    state = load_checkpoint(run_dir, objective, optimizer, chash)
+    state = load_checkpoint(run_dir, objective, optimizer, chash, shards=data.shard_list())
     # Written only once the checkpoint (if any) is accepted: a resume refused for a different
     # config hash must leave the run directory describing the checkpoint's experiment.
     if dist_info.is_main:
@@ -166,7 +166,7 @@ def _save(tr: Trainer) -> None:
     _check_guard(tr)  # never overwrite the last good checkpoint with a poisoned state
     if tr.dist.is_main:
         save_checkpoint(tr.run_dir, tr.objective, tr.optimizer, tr.state, to_dict(tr.cfg),
-                        tr.config_hash)
+                        tr.config_hash, tr.data.position(tr.state.epoch, tr.state.batch))
     tr.saved_step = tr.state.global_step
 
 
@@ -182,9 +182,8 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
                stop_at: int) -> bool:
     """Train until the epoch ends or ``stop_at`` steps are done; True when training must stop."""
     cfg, st = tr.cfg, tr.state
-    per_epoch = tr.data.sampler.batches_per_epoch
-    tr.data.sampler.set_epoch(st.epoch, start_batch=st.batch)
-    tr.data.dataset.set_epoch(st.epoch)
+    per_epoch = tr.data.batches_per_epoch
+    tr.data.set_epoch(st.epoch, start_batch=st.batch)
     wait, window, tick = 0.0, 0, time.perf_counter()
     for batch in tr.data.loader:
         wait += time.perf_counter() - tick

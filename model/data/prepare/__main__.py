@@ -1,7 +1,8 @@
 """Command line: ``python -m model.data.prepare <source> [options]``.
 
 Sources: ``coco``, ``flickr``, ``vg``, ``sbu``, ``cc3m`` (one converter each), ``combine``
-(the "4M" pre-training corpus) and the downstream tasks ``snli-ve``, ``nlvr2``, ``vqa``.
+(the "4M" pre-training corpus), the downstream tasks ``snli-ve``, ``nlvr2``, ``vqa``, and
+``shards`` / ``shard-index`` (tar shards for streaming pre-training).
 ``python -m model.data.prepare <source> --help`` lists the options and the expected input
 layout; docs/DATA.md has the full walk-through.
 
@@ -24,6 +25,7 @@ from model.data.prepare import (
     combine,
     flickr,
     sbu,
+    shards,
     tasks,
     vg,
 )
@@ -37,13 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only log warnings and errors")
     subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    for module in (coco, flickr, vg, sbu, cc3m, combine, tasks):
+    for module in (coco, flickr, vg, sbu, cc3m, combine, tasks, shards):
         module.add_parser(subparsers)
     return parser
 
 
-def _report(result: PrepareSummary | combine.CombineResult) -> str:
+def _report(result: PrepareSummary | combine.CombineResult | str) -> str:
     """Text printed after a successful run."""
+    if isinstance(result, str):
+        return result
     if isinstance(result, PrepareSummary):
         return result.to_text()
     lines = [result.table.to_markdown(index=False), ""]
