@@ -267,3 +267,15 @@ def test_resume_with_another_config_is_refused(synthetic_cache: Path, tmp_path: 
     with stop_training_after(2):
         summary, _ = train(same, tmp_path, progress=False, device="cpu")
     assert summary.resumed_from == 1 and summary.steps == 2
+
+
+def test_batches_per_epoch_holds_when_resumed_at_an_epoch_end() -> None:
+    """A checkpoint written after an epoch's last batch resumes with a sampler of length 0; the
+    epoch length must still come from the sampler (a falsy sampler once read as the dataset)."""
+    from model.data.sampling import ResumableSampler, SeededDataset
+    from model.engine.data import TrainData
+
+    sampler = ResumableSampler(64, 16, seed=0)
+    data = TrainData(SeededDataset(list(range(64)), 0), loader=None, sampler=sampler)
+    data.set_epoch(0, start_batch=4)
+    assert len(sampler) == 0 and data.batches_per_epoch == 4

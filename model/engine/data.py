@@ -113,7 +113,9 @@ class TrainData:
 
     @property
     def batches_per_epoch(self) -> int:
-        return (self.sampler or self.dataset).batches_per_epoch  # type: ignore[union-attr]
+        # Not `sampler or dataset`: a sampler resumed at its epoch's end has length 0 (falsy).
+        source = self.sampler if self.sampler is not None else self.dataset
+        return source.batches_per_epoch  # type: ignore[union-attr]
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if self.sampler is not None:
