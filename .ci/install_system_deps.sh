@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian 12 packages that the local single-node SLURM cluster needs
-# (slurm/local_cluster/): controller, node daemon, clients, munge, slurmdbd, MariaDB.
+# (devtools/local_slurm/): controller, node daemon, clients, munge, slurmdbd, MariaDB.
 #
 # Idempotent: exits quickly when everything is already there. Must run as root.
 # The packages' own services are kept stopped: the test cluster runs private instances

@@ -21,6 +21,9 @@ from model.engine.run_io import run_status
 from slurm.spec import RunSpec
 
 MATRIX_FILE = Path(__file__).with_name("matrix.yaml")
+# A grid's downstream protocols live beside its matrix (protocols.yaml, protocols/).
+PROTOCOLS_NAME = "protocols.yaml"
+PROTOCOLS_FILE = MATRIX_FILE.with_name(PROTOCOLS_NAME)
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,9 @@ def _cell_config(matrix: MatrixFile, matrix_path: Path, name: str, preset: str,
     cfg = replace_path(cfg, "data.cache_dir", str(Path(cfg.data.cache_dir).resolve()))
     cfg = replace_path(cfg, "train.seed", seed, source=f"{matrix_path} seeds")
     if cfg.downstream:  # each fine-tuning / zero-shot stage's config must be valid too
-        from model.engine.protocol import validate_downstream
+        from model.engine.protocol import load_protocols, validate_downstream
 
-        validate_downstream(cfg)
+        validate_downstream(cfg, load_protocols(root / PROTOCOLS_NAME))
     return cfg
 
 
@@ -96,7 +99,8 @@ def expand(matrix_path: str | Path = MATRIX_FILE, preset: str = "tiny",
             chash = experiment_hash(cfg)
             run_dir = Path(runs_root) / matrix.grid / f"{name}__s{seed}__{chash}"
             specs.append(RunSpec(matrix.grid, name, seed, cfg, chash, run_dir,
-                                 matrix.cells[name].tier or matrix.tier, preset))
+                                 matrix.cells[name].tier or matrix.tier, preset,
+                                 (matrix_path.parent / PROTOCOLS_NAME).resolve()))
     if errors:
         raise ConfigError(sorted(set(errors)))
     return specs

@@ -16,6 +16,7 @@ data paths are validated before anything is submitted (``--dry-run`` stops there
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -287,8 +288,7 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], list[str]]:
     tier = args.tier or ("cpu" if args.preset == "tiny" else None)
     specs = expand(args.matrix, args.preset, seeds, args.only, list(args.sets), args.runs_root)
     if tier:
-        specs = [RunSpec(s.grid, s.cell, s.seed, s.config, s.config_hash, s.run_dir, tier,
-                         s.preset) for s in specs]
+        specs = [dataclasses.replace(s, tier=tier) for s in specs]
     skip_data = args.collect_only or args.status or args.preflight_dist
     errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
     errors += check_tiers(specs, args.tier) if args.cluster == "slurm" or args.tier else []

@@ -50,8 +50,9 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
     import torch
 
     from ablations.grid import expand
+    from model.cell.stages import run_downstream
     from model.downstream.data import resolve_task_files
-    from model.engine.protocol import load_protocols, run_downstream, stage_config
+    from model.engine.protocol import load_protocols, stage_config
     from model.engine.resume import checkpoint_path
 
     torch.set_num_threads(int(os.environ.get("SOFTMASK_THREADS", "1")))
@@ -59,9 +60,9 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
     if not (spec.run_dir / "DONE").is_file():
         raise FileNotFoundError(f"{spec.run_dir}: cell {cell} seed {seed} has no finished "
                                 "pre-training run; run `python ablations/run_grid.py` first")
+    registry = load_protocols(spec.protocols_file)
     stages = run_downstream(spec.config, spec.run_dir, checkpoint_path(spec.run_dir),
-                            list(protocols), spec.identity())
-    registry = load_protocols()
+                            list(protocols), spec.identity(), registry=registry)
     stand_ins = {}
     for name in protocols:
         stage_cfg = stage_config(spec.config, name, None, registry)
@@ -113,9 +114,10 @@ def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
 
 
 def _paper_rows() -> dict[str, dict[str, float]]:
+    from ablations.grid import PROTOCOLS_FILE
     from model.engine.protocol import load_protocols
 
-    registry = load_protocols()
+    registry = load_protocols(PROTOCOLS_FILE)
     rows: dict[str, dict[str, float]] = defaultdict(dict)
     for name in TASK_PROTOCOLS:
         for method, values in registry.get(name).paper.items():
@@ -191,10 +193,11 @@ def _test_splits(name: str) -> list[str]:
 
 def _eval_sizes() -> dict[str, tuple[int, int]]:
     """(val / dev, test) examples of each stand-in, from the protocols' synthetic sizes."""
+    from ablations.grid import PROTOCOLS_FILE
     from model.data.synthetic_tasks import VE_STATEMENTS_PER_IMAGE, VQA_QUESTIONS_PER_IMAGE
     from model.engine.protocol import load_protocols
 
-    registry = load_protocols()
+    registry = load_protocols(PROTOCOLS_FILE)
     per_image = {"snli_ve": VE_STATEMENTS_PER_IMAGE, "nlvr2": 1,
                  "vqa": VQA_QUESTIONS_PER_IMAGE}
     out = {}

@@ -38,9 +38,10 @@ class CellJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(threads)
         log.info("cell %s seed %d -> %s (task %d/%d)", spec.cell, spec.seed, spec.run_dir,
                  env.global_rank, env.num_tasks)
-        from model.engine.pipeline import run_cell
+        from model.cell.pipeline import run_cell
 
-        return run_cell(spec.config, spec.run_dir, identity=spec.identity(), progress=False)
+        return run_cell(spec.config, spec.run_dir, identity=spec.identity(), progress=False,
+                        protocols=spec.protocols_file)
 
     def checkpoint(self, spec: RunSpec) -> submitit.helpers.DelayedSubmission:
         log.info("preempted or timed out: requeueing %s", spec.run_id)

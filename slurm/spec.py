@@ -25,6 +25,8 @@ class RunSpec:
     run_dir: Path
     tier: str
     preset: str
+    # The protocols file naming config.downstream's stages (the grid's, beside its matrix).
+    protocols_file: Path | None = None
 
     @property
     def run_id(self) -> str:

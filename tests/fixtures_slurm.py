@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import submitit
 
-from slurm.local_cluster import LocalCluster, missing_binaries, start_cluster
+from devtools.local_slurm import LocalCluster, missing_binaries, start_cluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

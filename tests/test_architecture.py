@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOMS = ("model", "slurm", "results", "ablations", "benchmarks")
+ROOMS = ("model", "slurm", "results", "ablations", "benchmarks", "devtools")
 # room -> the project rooms it may import (besides itself). The library is the ground floor.
 ALLOWED = {
     "model": set(),
+    "devtools": set(),
     "slurm": {"model"},
     "results": {"model"},
     "ablations": {"model", "slurm", "results"},
@@ -80,8 +81,46 @@ def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def _library(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {m: deps for m, deps in graph.items()
+            if m.split(".")[0] == "model" and not m.startswith("model.cli")}
+
+
+def test_the_library_does_not_import_the_apps_room(graph: dict[str, set[str]]) -> None:
+    wrong = sorted(f"{a} -> {b}" for a, deps in _library(graph).items() for b in deps
+                   if b.startswith("model.cli"))
+    assert not wrong, "the library imports a command-line program:\n" + "\n".join(wrong)
+
+
+def test_the_library_parses_no_arguments_and_finds_no_repository_files() -> None:
+    """argparse and paths computed from the checkout's layout belong to the apps room
+    (model/cli/) and the project rooms; the library is handed its files."""
+    offenders = []
+    for path in (REPO / "model").rglob("*.py"):
+        if "cli" in path.relative_to(REPO / "model").parts:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) else [])
+            if "argparse" in names:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: imports argparse")
+            if isinstance(node, ast.Attribute) and node.attr == "parents":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: Path(...).parents")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_method_is_pure_math(graph: dict[str, set[str]]) -> None:
+    """model/method/ (Grad-CAM, soft masks) imports nothing of the project outside itself."""
+    wrong = sorted(f"{a} -> {b}" for a, deps in graph.items() if a.startswith("model.method")
+                   for b in deps if not b.startswith("model.method"))
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_rules_see_real_imports(graph: dict[str, set[str]]) -> None:
     """Guard against a rule that cannot fail: the graph holds known edges."""
-    assert "model.engine.train" in graph["model.engine.pipeline"]
-    assert "model.downstream.run" in graph["model.engine.protocol"]  # a function-level import
+    assert "model.engine.train" in graph["model.cell.pipeline"]
+    assert "model.downstream.run" in graph["model.cell.stages"]
     assert "slurm.spec" in graph["ablations.grid"]
+    assert "model.engine.gallery" in graph["model.cli.gallery"]
+    assert "model.method.gradcam" in graph["model.method.softmask"]

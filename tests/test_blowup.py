@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_grid_sets
 
+from model.cell.pipeline import run_cell
 from model.config.experiment import experiment_hash, load_experiment
 from model.config.loader import ConfigError
 from model.engine.guard import detect_blowup
-from model.engine.pipeline import run_cell
 from results.collect import collect_runs
 from results.tables import build_tables
 from slurm.status import grid_status

@@ -26,9 +26,10 @@ from model.checkpoints import (
     ours_to_albef,
     read_checkpoint,
 )
+from model.cli.export import main
 from model.config.experiment import load_experiment
-from model.export import export_release, load_release, main
 from model.objective import Objective
+from model.release import export_release, load_release
 from model.text_masking import SpecialIds
 from model.vit import interpolate_pos_embed
 

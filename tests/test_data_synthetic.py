@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from model.cli.synthetic import main
 from model.data.synthetic import (
     PALETTE,
     RELATIONS,
@@ -21,13 +22,12 @@ from model.data.synthetic import (
     SceneObject,
     SyntheticPaths,
     SyntheticSpec,
-    _sample_eval_scenes,
-    _sample_train_scenes,
     generate,
     hard_negatives,
-    main,
     relation_caption,
     render_scene,
+    sample_eval_scenes,
+    sample_train_scenes,
 )
 from model.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
@@ -187,7 +187,7 @@ def test_missing_file_triggers_regeneration(tmp_path: Path) -> None:
 
 
 def test_eval_scenes_are_distinct_and_train_images_differ(small: SyntheticPaths) -> None:
-    test_scenes, val_scenes = _sample_eval_scenes(SMALL)
+    test_scenes, val_scenes = sample_eval_scenes(SMALL)
     assert len(set(test_scenes + val_scenes)) == len(test_scenes) + len(val_scenes) == 26
     train_bytes = {(small.root / e["image"]).read_bytes() for e in _load(small.train_file)}
     test_bytes = {(small.root / e["image"]).read_bytes() for e in _load(small.test_file)}
@@ -196,10 +196,10 @@ def test_eval_scenes_are_distinct_and_train_images_differ(small: SyntheticPaths)
 
 def test_holdout_keeps_eval_scenes_out_of_training() -> None:
     spec = SyntheticSpec(n_train_images=300, n_test_images=40, n_val_images=10)
-    test_scenes, val_scenes = _sample_eval_scenes(spec)
+    test_scenes, val_scenes = sample_eval_scenes(spec)
     held_out = test_scenes + val_scenes
-    assert set(_sample_train_scenes(spec, held_out)).isdisjoint(held_out)
-    assert not set(_sample_train_scenes(spec)).isdisjoint(held_out)  # default: overlap allowed
+    assert set(sample_train_scenes(spec, held_out)).isdisjoint(held_out)
+    assert not set(sample_train_scenes(spec)).isdisjoint(held_out)  # default: overlap allowed
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -297,5 +297,5 @@ def test_caption_style_is_validated_and_part_of_the_cache_key() -> None:
 def test_no_single_object_scenes_when_asked() -> None:
     spec = SyntheticSpec(n_train_images=50, n_test_images=10, n_val_images=0,
                          single_object_fraction=0.0)
-    assert all(len(s.objects) == 2 for s in _sample_train_scenes(spec))
-    assert all(len(s.objects) == 2 for s in _sample_eval_scenes(spec)[0])
+    assert all(len(s.objects) == 2 for s in sample_train_scenes(spec))
+    assert all(len(s.objects) == 2 for s in sample_eval_scenes(spec)[0])

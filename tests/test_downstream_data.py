@@ -12,7 +12,7 @@ from tiny import SPECIAL, VOCAB, tiny_config
 
 from model.build import build_albef
 from model.data.datasets import AnnotationError
-from model.data.prepare import PrepareError
+from model.data.jsonio import DataFileError
 from model.data.prepare.tasks import prepare_nlvr2, prepare_snli_ve, prepare_vqa
 from model.data.synthetic import SyntheticSpec, enumerate_scenes
 from model.data.synthetic_tasks import (
@@ -179,10 +179,10 @@ def test_snli_ve_converter_and_its_errors(tmp_path: Path) -> None:
     assert summary.output("ve_train").entries == 2
     assert len(load_ve(tmp_path / "out" / "ve_test.json")) == 2
     _jsonl(src / "snli_ve_dev.jsonl", [row, {**row, "gold_label": "-"}])
-    with pytest.raises(PrepareError, match=r"snli_ve_dev\.jsonl: line 2: gold_label '-'"):
+    with pytest.raises(DataFileError, match=r"snli_ve_dev\.jsonl: line 2: gold_label '-'"):
         prepare_snli_ve(src, tmp_path / "out")
     (src / "snli_ve_dev.jsonl").write_text(json.dumps(row) + "\n{not json\n")
-    with pytest.raises(PrepareError, match=r"line 2: not valid JSON"):
+    with pytest.raises(DataFileError, match=r"line 2: not valid JSON"):
         prepare_snli_ve(src, tmp_path / "out")
 
 
@@ -197,7 +197,7 @@ def test_nlvr2_converter_pairs_images_and_checks_them(tmp_path: Path) -> None:
     assert train[0]["images"] == ["train/7/train-10-2-img0.png", "train/7/train-10-2-img1.png"]
     dev = json.loads((tmp_path / "out" / "nlvr_dev.json").read_text())
     assert dev[0]["images"] == ["dev/dev-10-2-img0.png", "dev/dev-10-2-img1.png"]
-    with pytest.raises(PrepareError, match="3 referenced images are missing|referenced images"):
+    with pytest.raises(DataFileError, match="3 referenced images are missing|referenced images"):
         prepare_nlvr2(src, tmp_path / "out2", image_root=tmp_path)
     summary = prepare_nlvr2(src, tmp_path / "out3", image_root=tmp_path,
                             allow_missing_images=True)

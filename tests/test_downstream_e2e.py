@@ -1,5 +1,5 @@
 """Downstream task stages end to end at micro size: pre-train -> (TA ->) fine-tune -> evaluate,
-through the grid's stage runner and ``python -m model.evaluate``; protocol validation."""
+through the grid's stage runner and ``python -m model.cli.evaluate``; protocol validation."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 import yaml
 from conftest import tiny_grid_sets
 
+from ablations.grid import PROTOCOLS_FILE
+from model.cell.stages import run_downstream
+from model.cli.evaluate import main as evaluate_main
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError
-from model.engine.protocol import load_protocols, run_downstream, validate_downstream
+from model.engine.protocol import load_protocols, validate_downstream
 from model.engine.train import train
-from model.evaluate import main as evaluate_main
 
 STAGE_SETS = ["train.max_steps=3", "train.epochs=1", "train.batch_size=8", "train.log_every=1"]
 MICRO = {"synthetic": {"train": 16, "val": 6, "test": 6}, "eval_batch_size": 8,
@@ -123,7 +125,7 @@ def test_real_data_task_files_are_checked_before_anything_runs() -> None:
                                                "data.train_files=[x.json]",
                                                "downstream=[vqa]"])
     with pytest.raises(ConfigError) as err:
-        validate_downstream(cfg)
+        validate_downstream(cfg, load_protocols(PROTOCOLS_FILE))
     message = str(err.value)
     assert "protocols.vqa.task.train_files: data/ann/vqa_train.json does not exist" in message
     assert "protocols.vqa.task.answer_list" in message
@@ -191,7 +193,7 @@ def test_a_cells_headline_is_its_last_retrieval_stage_not_a_task() -> None:
     the ablation tables read; the task accuracies stay under its stages."""
     from types import SimpleNamespace
 
-    from model.engine.pipeline import headline_stage
+    from model.cell.pipeline import headline_stage
 
     coco = SimpleNamespace(metrics={"TR@1": 70.0, "IR@1": 55.0})
     stages = {"coco_finetune": coco, "snli_ve": SimpleNamespace(metrics={"val": 80.0}),

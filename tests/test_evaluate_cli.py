@@ -1,5 +1,6 @@
-"""``python -m model.evaluate``: any checkpoint (ours full / slim, official ALBEF pre-training or
-retrieval format) under a protocol, end to end at tiny size, with loud protocol/kind checks."""
+"""``python -m model.cli.evaluate``: any checkpoint (ours full / slim, official ALBEF
+pre-training or retrieval format) under a protocol, end to end at tiny size, with loud
+protocol/kind checks."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import pytest
 import torch
 from conftest import tiny_grid_sets
 
+from ablations.grid import PROTOCOLS_FILE
 from model.checkpoints import infer_text_layers, ours_to_albef
+from model.cli.evaluate import main, rebase_data_paths
 from model.config.experiment import load_experiment
 from model.engine.data import resolve_sources
 from model.engine.evaluation import file_sha256
-from model.engine.protocol import stage_config
+from model.engine.protocol import load_protocols, stage_config
 from model.engine.train import train
-from model.evaluate import main, rebase_data_paths
-from model.export import export_release
+from model.release import export_release
 
 RECALLS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 
@@ -35,7 +37,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path
                                                "train.max_steps=2"])
     _, tr = train(cfg, root / "pre", progress=False)
     pre = root / "pre" / "checkpoint.pt"
-    ft_cfg = stage_config(cfg, "coco_finetune", pre, sets=["train.max_steps=2"])
+    ft_cfg = stage_config(cfg, "coco_finetune", pre, load_protocols(PROTOCOLS_FILE),
+                          sets=["train.max_steps=2"])
     _, ft_tr = train(ft_cfg, root / "ft", progress=False)
     ft = root / "ft" / "checkpoint.pt"
     official_pre = root / "ALBEF_pretrain.pth"
@@ -70,7 +73,7 @@ def test_our_finetuned_checkpoint_writes_the_table_with_provenance(
                                   "--protocol", "coco_finetune"], tmp_path / "ours")
     assert rc == 0 and result["warnings"] == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
-                and r.name == "model.evaluate"]
+                and r.name == "model.cli.evaluate"]
     prov = result["provenance"]
     assert prov["checkpoint"] == str(checkpoints["ft"].resolve())
     assert prov["checkpoint_sha256"] == file_sha256(checkpoints["ft"])

@@ -12,7 +12,7 @@ from fixtures_slurm import wait_until
 
 from ablations import run_grid
 from ablations.grid import expand
-from model.engine.pipeline import run_cell
+from model.cell.pipeline import run_cell
 from slurm.launch import submit_slurm
 from slurm.resources import load_tier
 
@@ -70,7 +70,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm_env, tmp_path: Path
     assert "preempted or timed out" in log
     # The same cell run uninterrupted, in this process, ends with identical metrics.
     reference = run_cell(spec.config, tmp_path / "reference" / spec.run_id,
-                         identity=spec.identity())
+                         identity=spec.identity(), protocols=spec.protocols_file)
     assert reference["metrics"] == result["metrics"]
     assert reference["last_losses"]["loss/total"] == result["last_losses"]["loss/total"]
 

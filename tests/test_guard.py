@@ -11,9 +11,9 @@ import torch
 from tiny import synthetic_train_sets
 
 import model.engine.train as train_module
+from model.cell.pipeline import run_cell
 from model.config.experiment import load_experiment
 from model.engine.guard import Diverged, DivergenceGuard, total_grad_norm
-from model.engine.pipeline import run_cell
 from model.engine.resume import checkpoint_path
 from model.negatives import negative_weights, sample_hard_negatives
 from model.objective import StepOutput

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from model.cell.pipeline import run_cell
 from model.config.experiment import load_experiment
-from model.engine.pipeline import run_cell
 
 
 @pytest.mark.slow

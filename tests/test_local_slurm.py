@@ -15,7 +15,7 @@ import submitit
 from fixtures_slurm import ResumableSquares, job_python_path, read_progress
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from slurm.local_cluster import PARTITION, LocalCluster
+from devtools.local_slurm import PARTITION, LocalCluster
 
 pytestmark = pytest.mark.slurm
 

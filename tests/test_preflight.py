@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile
 
+from model.cli.preflight import main
 from model.data.preflight import (
     PRETRAIN,
     RETRIEVAL_EVAL,
     RETRIEVAL_TRAIN,
-    main,
     preflight,
 )
 

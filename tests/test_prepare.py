@@ -16,15 +16,18 @@ import pytest
 import yaml
 from PIL import Image
 
-import model.data.prepare as prep
-from model.data.prepare import PrepareError, iter_json_array, write_json_list
-from model.data.prepare.__main__ import main as prepare_main
+import model.data.jsonio as jsonio
+from model.cli.prepare.__main__ import main as prepare_main
+from model.data.jsonio import DataFileError, iter_json_array, write_json_list
+from model.data.prepare import ConvertOptions
 from model.data.prepare.cc3m import prepare_cc3m
 from model.data.prepare.coco import prepare_coco
 from model.data.prepare.combine import combine
 from model.data.prepare.flickr import prepare_flickr
 from model.data.prepare.sbu import prepare_sbu
 from model.data.prepare.vg import prepare_vg
+
+QUIET = ConvertOptions(show_progress=False)
 
 
 def _jpeg(path: Path, shade: int = 0) -> Path:
@@ -109,7 +112,7 @@ def _official_coco(tmp_path: Path, drop: int | None = None) -> list[Path]:
 
 def test_coco_splits_counts_and_formats(tmp_path: Path) -> None:
     karpathy = _karpathy_coco(tmp_path / "dataset_coco.json")
-    summary = prepare_coco(karpathy, tmp_path / "out", show_progress=False)
+    summary = prepare_coco(karpathy, tmp_path / "out", options=QUIET)
 
     train = _load(tmp_path / "out" / "coco_train.json")
     assert len(train) == 5 + 6 + 5  # train + restval, one entry per caption
@@ -144,35 +147,34 @@ def test_coco_splits_counts_and_formats(tmp_path: Path) -> None:
 def test_coco_official_cross_check_reports_and_strict_fails(tmp_path: Path) -> None:
     karpathy = _karpathy_coco(tmp_path / "dataset_coco.json")
     clean = prepare_coco(
-        karpathy, tmp_path / "a", official=_official_coco(tmp_path), show_progress=False
-    )
+        karpathy, tmp_path / "a", official=_official_coco(tmp_path), options=QUIET)
     assert clean.stats["official_missing"] == 0
     assert clean.stats["official_filename_differs"] == 0
 
     official = _official_coco(tmp_path, drop=74)
-    summary = prepare_coco(karpathy, tmp_path / "b", official=official, show_progress=False)
+    summary = prepare_coco(karpathy, tmp_path / "b", official=official, options=QUIET)
     assert summary.stats["official_missing"] == 1
-    with pytest.raises(PrepareError, match="cocoid 74"):
-        prepare_coco(karpathy, tmp_path / "c", official=official, strict=True, show_progress=False)
+    with pytest.raises(DataFileError, match="cocoid 74"):
+        prepare_coco(karpathy, tmp_path / "c", official=official, strict=True, options=QUIET)
     not_coco = _dump(tmp_path / "annotations" / "list.json", [])
-    with pytest.raises(PrepareError, match="list.json: not a COCO captions annotation file"):
+    with pytest.raises(DataFileError, match="list.json: not a COCO captions annotation file"):
         prepare_coco(karpathy, tmp_path / "d", official=[not_coco])
 
 
 def test_coco_errors_name_file_and_entry(tmp_path: Path) -> None:
-    with pytest.raises(PrepareError, match="dataset_coco.json.*expected an existing file"):
+    with pytest.raises(DataFileError, match="dataset_coco.json.*expected an existing file"):
         prepare_coco(tmp_path / "dataset_coco.json", tmp_path / "out")
     data = _load(_karpathy_coco(tmp_path / "dataset_coco.json"))
     data["images"][2]["split"] = "training"
     bad = _dump(tmp_path / "bad.json", data)
-    with pytest.raises(PrepareError, match=r"bad.json: images\[2\]\['split'\] is 'training'"):
+    with pytest.raises(DataFileError, match=r"bad.json: images\[2\]\['split'\] is 'training'"):
         prepare_coco(bad, tmp_path / "out")
     del data["images"][4]["sentences"]
     data["images"][2]["split"] = "train"
     bad = _dump(tmp_path / "bad.json", data)
-    with pytest.raises(PrepareError, match=r"images\[4\] has no 'sentences' key"):
+    with pytest.raises(DataFileError, match=r"images\[4\] has no 'sentences' key"):
         prepare_coco(bad, tmp_path / "out")
-    with pytest.raises(PrepareError, match="'images' list"):
+    with pytest.raises(DataFileError, match="'images' list"):
         prepare_coco(_dump(tmp_path / "list.json", []), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -180,8 +182,8 @@ def test_coco_errors_name_file_and_entry(tmp_path: Path) -> None:
 def test_coco_clean_captions_and_prefix(tmp_path: Path) -> None:
     karpathy = _karpathy_coco(tmp_path / "dataset_coco.json")
     prepare_coco(
-        karpathy, tmp_path / "out", image_prefix="coco/", clean_captions=True, show_progress=False
-    )
+        karpathy, tmp_path / "out",
+        options=ConvertOptions(image_prefix="coco/", clean_captions=True, show_progress=False))
     first = _load(tmp_path / "out" / "coco_train.json")[0]
     assert first["image"] == "coco/train2014/COCO_train2014_000000000009.jpg"
     assert first["caption"] == "a photo number 9 caption 0"
@@ -202,7 +204,7 @@ def test_flickr_splits(tmp_path: Path) -> None:
     karpathy = _dump(
         tmp_path / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"}
     )
-    summary = prepare_flickr(karpathy, tmp_path / "out", show_progress=False)
+    summary = prepare_flickr(karpathy, tmp_path / "out", options=QUIET)
     train = _load(tmp_path / "out" / "flickr_train.json")
     assert len(train) == 6
     assert train[0] == {
@@ -259,7 +261,7 @@ def _vg_fixture(tmp_path: Path) -> tuple[Path, Path]:
 def test_vg_one_entry_per_phrase_and_coco_exclusion(tmp_path: Path) -> None:
     regions, image_data = _vg_fixture(tmp_path)
     out = tmp_path / "vg.json"
-    summary = prepare_vg(regions, image_data, out, show_progress=False)
+    summary = prepare_vg(regions, image_data, out, options=QUIET)
     entries = _load(out)
     assert len(entries) == 3 + 2 + 1 + 1  # the whitespace-only phrase is dropped
     assert entries[0] == {"image": "VG_100K_2/1.jpg", "caption": "the clock is green"}
@@ -273,10 +275,7 @@ def test_vg_one_entry_per_phrase_and_coco_exclusion(tmp_path: Path) -> None:
         image_data,
         out,
         exclude_coco_karpathy=karpathy,
-        dedupe_phrases=True,
-        image_prefix="vg",
-        show_progress=False,
-    )
+        dedupe_phrases=True, options=ConvertOptions(image_prefix="vg", show_progress=False))
     entries = _load(out)
     assert {e["image"] for e in entries} == {
         "vg/VG_100K_2/1.jpg",
@@ -295,8 +294,7 @@ def test_vg_with_image_dir_keeps_existing_and_searches_both_folders(tmp_path: Pa
     _jpeg(root / "VG_100K" / "2.jpg")
     _jpeg(root / "VG_100K_2" / "4.jpg")  # image 3 was not downloaded
     summary = prepare_vg(
-        regions, image_data, tmp_path / "vg.json", images_dir=root, show_progress=False
-    )
+        regions, image_data, tmp_path / "vg.json", images_dir=root, options=QUIET)
     images = {e["image"] for e in _load(tmp_path / "vg.json")}
     assert images == {"VG_100K/1.jpg", "VG_100K/2.jpg", "VG_100K_2/4.jpg"}
     assert summary.stats["missing_images"] == 1
@@ -307,7 +305,7 @@ def test_vg_bad_structure_names_entry(tmp_path: Path) -> None:
     data = _load(regions)
     data[2]["regions"][1] = {"region_id": 31}
     _dump(regions, data)
-    with pytest.raises(PrepareError, match=r"entry 2, regions\[1\] has no string 'phrase'"):
+    with pytest.raises(DataFileError, match=r"entry 2, regions\[1\] has no string 'phrase'"):
         prepare_vg(regions, image_data, tmp_path / "vg.json")
     assert not (tmp_path / "vg.json").exists()  # atomic: nothing half-written
 
@@ -332,7 +330,7 @@ def test_sbu_basename_naming_keeps_only_downloaded(tmp_path: Path) -> None:
     images = tmp_path / "sbu_images"
     for i in (0, 1, 3):
         _jpeg(images / "shard0" / f"43850589{i}0_b0f291553e.jpg")
-    summary = prepare_sbu(urls, captions, images, tmp_path / "sbu.json", show_progress=False)
+    summary = prepare_sbu(urls, captions, images, tmp_path / "sbu.json", options=QUIET)
     assert _load(tmp_path / "sbu.json") == [
         {"image": "shard0/4385058900_b0f291553e.jpg", "caption": "Man on a horse"},
         {"image": "shard0/4385058930_b0f291553e.jpg", "caption": "a bridge"},
@@ -354,10 +352,7 @@ def test_sbu_index_naming(tmp_path: Path) -> None:
         images,
         tmp_path / "sbu.json",
         naming="index",
-        index_base=1,
-        image_prefix="sbu/",
-        show_progress=False,
-    )
+        index_base=1, options=ConvertOptions(image_prefix="sbu/", show_progress=False))
     assert _load(tmp_path / "sbu.json") == [
         {"image": "sbu/0000001.jpg", "caption": "Man on a horse"},
         {"image": "sbu/00/0000005.jpg", "caption": "sunset"},
@@ -369,9 +364,9 @@ def test_sbu_misaligned_files_fail(tmp_path: Path) -> None:
     urls, captions = _sbu_fixture(tmp_path)
     captions.write_text("one\ntwo\n", encoding="utf-8")
     (tmp_path / "img").mkdir()
-    with pytest.raises(PrepareError, match="not line-aligned.*5 lines.*has 2"):
+    with pytest.raises(DataFileError, match="not line-aligned.*5 lines.*has 2"):
         prepare_sbu(urls, captions, tmp_path / "img", tmp_path / "sbu.json")
-    with pytest.raises(PrepareError, match="image directory not found"):
+    with pytest.raises(DataFileError, match="image directory not found"):
         prepare_sbu(urls, urls, tmp_path / "nowhere", tmp_path / "sbu.json")
 
 
@@ -415,7 +410,7 @@ def test_cc3m_img2dataset_layout(tmp_path: Path) -> None:
     _img2dataset_sample(root / "00000", "000000004", 4, status="failed_to_download")
     _img2dataset_sample(root / "00001", "000010000", 5)
     _jpeg(root / "00001" / "000010001.jpg")  # no side-car at all
-    summary = prepare_cc3m(root, tmp_path / "cc3m_train.json", tsv=tsv, show_progress=False)
+    summary = prepare_cc3m(root, tmp_path / "cc3m_train.json", tsv=tsv, options=QUIET)
     assert _load(tmp_path / "cc3m_train.json") == [
         {"image": "00000/000000000.jpg", "caption": "caption of row 0"},
         {"image": "00000/000000002.jpg", "caption": "caption of row 2"},
@@ -438,17 +433,14 @@ def test_cc3m_row_index_layout(tmp_path: Path) -> None:
         root,
         tmp_path / "cc.json",
         tsv=tsv,
-        layout="index",
-        image_prefix="cc3m/",
-        show_progress=False,
-    )
+        layout="index", options=ConvertOptions(image_prefix="cc3m/", show_progress=False))
     assert _load(tmp_path / "cc.json") == [
         {"image": "cc3m/0.jpg", "caption": "caption of row 0"},
         {"image": "cc3m/sub/000004.jpg", "caption": "caption of row 4"},
     ]
     assert summary.stats["rows"] == 6
     assert summary.stats["rows_with_image"] == 2
-    with pytest.raises(PrepareError, match="needs --tsv"):
+    with pytest.raises(DataFileError, match="needs --tsv"):
         prepare_cc3m(root, tmp_path / "cc.json", layout="index")
 
 
@@ -456,7 +448,7 @@ def test_cc3m_bad_tsv_line_named(tmp_path: Path) -> None:
     tsv = tmp_path / "Train_GCC-training.tsv"
     tsv.write_text("a\thttp://x/1.jpg\nno tab here\n", encoding="utf-8")
     _jpeg(tmp_path / "cc" / "0.jpg")
-    with pytest.raises(PrepareError, match="line 2 has 1 tab-separated fields"):
+    with pytest.raises(DataFileError, match="line 2 has 1 tab-separated fields"):
         prepare_cc3m(tmp_path / "cc", tmp_path / "cc.json", tsv=tsv, layout="index")
 
 
@@ -516,7 +508,7 @@ def test_combine_manifest_only_and_bad_entry(tmp_path: Path) -> None:
     assert result.table.set_index("source").loc["total", "captions"] == 4
 
     bad = _dump(tmp_path / "bad.json", [{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}])
-    with pytest.raises(PrepareError, match="bad.json: entry 1: 'caption'"):
+    with pytest.raises(DataFileError, match="bad.json: entry 1: 'caption'"):
         combine({"vg": [bad]}, tmp_path / "out2")
     assert not (tmp_path / "out2" / "pretrain_4m.json").exists()
 
@@ -529,23 +521,23 @@ def test_combine_manifest_only_and_bad_entry(tmp_path: Path) -> None:
 def test_streaming_reader_across_chunk_boundaries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prep, "_CHUNK_CHARS", 7)  # force refills inside strings and numbers
+    monkeypatch.setattr(jsonio, "_CHUNK_CHARS", 7)  # force refills inside strings and numbers
     rows = [{"image": f"x/{i}.jpg", "caption": "é " * i, "n": 12345678 * i} for i in range(30)]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     assert list(iter_json_array(path)) == rows
     assert list(iter_json_array(_dump(tmp_path / "empty.json", []))) == []
     path.write_text('[{"a": 1}, {"a": 2,}]', encoding="utf-8")
-    with pytest.raises(PrepareError, match="list element 1"):
+    with pytest.raises(DataFileError, match="list element 1"):
         list(iter_json_array(path))
     path.write_text('[{"a": 1}] [', encoding="utf-8")
-    with pytest.raises(PrepareError, match="after the closing"):
+    with pytest.raises(DataFileError, match="after the closing"):
         list(iter_json_array(path))
     path.write_text('{"images": []}', encoding="utf-8")
-    with pytest.raises(PrepareError, match="expected a JSON list"):
+    with pytest.raises(DataFileError, match="expected a JSON list"):
         list(iter_json_array(path))
     path.write_text('[{"a": 1}, {"a":', encoding="utf-8")
-    with pytest.raises(PrepareError, match="truncated JSON in list element 1"):
+    with pytest.raises(DataFileError, match="truncated JSON in list element 1"):
         list(iter_json_array(path))
 
 

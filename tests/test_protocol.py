@@ -15,14 +15,14 @@ import torch
 import torch.multiprocessing as mp
 from conftest import tiny_grid_sets
 
+from ablations.grid import PROTOCOLS_FILE
+from model.cell.pipeline import run_cell
+from model.cell.stages import run_downstream
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError
-from model.engine.pipeline import run_cell
 from model.engine.protocol import (
-    PROTOCOLS_FILE,
     describe_checkpoint,
     load_protocols,
-    run_downstream,
     stage_config,
 )
 
@@ -33,7 +33,7 @@ PAPER_PROTOCOLS = {"coco_finetune", "flickr_finetune", "flickr_zeroshot", "coco_
 
 # ------------------------------------------------------------------ registry and configs
 def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
-    reg = load_protocols()
+    reg = load_protocols(PROTOCOLS_FILE)
     assert PAPER_PROTOCOLS <= set(reg.protocols)
     assert reg.resolve_order(["flickr_zeroshot"]) == ["coco_finetune", "flickr_zeroshot"]
     assert reg.resolve_order(["coco_finetune", "flickr_zeroshot"]) == [
@@ -51,13 +51,15 @@ def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
     assert reg.get("coco_finetune").split_images == 5000
     assert reg.get("flickr_zeroshot").split_images == 1000
 
+REGISTRY = load_protocols(PROTOCOLS_FILE)
+
 
 def test_base_stage_configs_follow_albef_retrieval_recipe() -> None:
     """docs/ALBEF.md §5: 384 px, lr 1e-5 cosine to 1e-6, batch 32, test batch 64; COCO 5 epochs
     k_test 256, Flickr 10 epochs k_test 128; queue size inherited from pre-training."""
     cell = load_experiment(preset="base", base=BASE_FILE,
                            sets=["softmask.mode=gradcam", "downstream=[coco_finetune]"])
-    coco = stage_config(cell, "coco_finetune", "/ckpt/pre.pt")
+    coco = stage_config(cell, "coco_finetune", "/ckpt/pre.pt", REGISTRY)
     assert coco.train.mode == "retrieval" and coco.train.schedule == "albef_finetune"
     assert (coco.train.lr, coco.train.min_lr, coco.train.warmup_lr) == (1e-5, 1e-6, 1e-5)
     assert (coco.train.epochs, coco.train.batch_size, coco.train.max_steps) == (5, 32, None)
@@ -69,30 +71,31 @@ def test_base_stage_configs_follow_albef_retrieval_recipe() -> None:
     assert coco.model.queue_size == cell.model.queue_size == 65536
     assert coco.train.init_from == "/ckpt/pre.pt" and coco.downstream == ()
     assert coco.softmask.mode == "gradcam"  # the cell's objective is inherited ...
-    plain = stage_config(cell, "coco_finetune_plain", "/ckpt/pre.pt")
+    plain = stage_config(cell, "coco_finetune_plain", "/ckpt/pre.pt", REGISTRY)
     assert plain.softmask.mode == "off" and plain.loss.focal_gamma == 0  # ... unless plain
-    flickr = stage_config(cell, "flickr_finetune", "/ckpt/pre.pt")
+    flickr = stage_config(cell, "flickr_finetune", "/ckpt/pre.pt", REGISTRY)
     assert (flickr.train.epochs, flickr.eval.k_test) == (10, 128)
     assert flickr.data.train_files == ("data/ann/flickr_train.json",)
-    zs = stage_config(cell, "flickr_zeroshot", "/ckpt/coco.pt")
+    zs = stage_config(cell, "flickr_zeroshot", "/ckpt/coco.pt", REGISTRY)
     assert zs.train.mode == "retrieval" and zs.data.eval_file == "data/ann/flickr_test.json"
     assert zs.eval.k_test == 128 and zs.model.vision.image_size == 384
-    coco_zs = stage_config(cell, "coco_zeroshot", "/ckpt/pre.pt")
+    coco_zs = stage_config(cell, "coco_zeroshot", "/ckpt/pre.pt", REGISTRY)
     assert coco_zs.train.mode == "pretrain" and coco_zs.model.vision.image_size == 384
 
 
 def test_synthetic_layers_apply_only_to_synthetic_data(synthetic_cache: Path) -> None:
     tiny = load_experiment(preset="tiny", sets=tiny_grid_sets(synthetic_cache))
-    cfg = stage_config(tiny, "coco_finetune", None)
+    cfg = stage_config(tiny, "coco_finetune", None, REGISTRY)
     assert cfg.data.kind == "synthetic" and cfg.train.mode == "retrieval"
     assert cfg.model.vision.image_size == 48  # != 32: the pos-embed grid is interpolated
     assert cfg.eval.k_test == 16 and cfg.train.epochs == 1
     # Caller --set items come after the protocol layers.
-    assert stage_config(tiny, "coco_finetune", None, sets=["eval.k_test=4"]).eval.k_test == 4
+    later = stage_config(tiny, "coco_finetune", None, REGISTRY, sets=["eval.k_test=4"])
+    assert later.eval.k_test == 4
 
 
 def test_bad_protocol_files_are_reported(tmp_path: Path) -> None:
-    reg = load_protocols()
+    reg = load_protocols(PROTOCOLS_FILE)
     with pytest.raises(ConfigError, match="unknown protocol 'coco_ft'"):
         reg.get("coco_ft")
     bad = tmp_path / "protocols.yaml"
@@ -131,7 +134,8 @@ def finished_cell(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Pat
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        result = run_cell(cfg, run_dir, identity={"cell": "albef", "seed": 0})
+        result = run_cell(cfg, run_dir, identity={"cell": "albef", "seed": 0},
+                              protocols=PROTOCOLS_FILE)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -181,10 +185,11 @@ def test_finetune_interpolated_pos_embed_and_recorded_retrieval_mode(finished_ce
 def test_stages_are_idempotent_and_eval_only_stages_reuse_checkpoints(finished_cell) -> None:
     run_dir, result, _ = finished_cell
     cfg = load_experiment(files=[run_dir / "config.yaml"])
-    again = run_cell(cfg, run_dir)  # a finished cell returns its result
+    again = run_cell(cfg, run_dir, protocols=PROTOCOLS_FILE)  # a finished cell returns its result
     assert again["metrics"] == result["metrics"]
     mtime = (run_dir / "coco_finetune" / "checkpoint.pt").stat().st_mtime
-    stages = run_downstream(cfg, run_dir, run_dir / "checkpoint.pt", ["flickr_zeroshot"])
+    stages = run_downstream(cfg, run_dir, run_dir / "checkpoint.pt", ["flickr_zeroshot"],
+                            registry=REGISTRY)
     assert list(stages) == ["coco_finetune", "flickr_zeroshot"]
     assert stages["coco_finetune"].skipped  # DONE: not trained again
     assert (run_dir / "coco_finetune" / "checkpoint.pt").stat().st_mtime == mtime
@@ -205,7 +210,7 @@ def test_unknown_downstream_protocol_fails_before_pretraining(synthetic_cache: P
     cfg = load_experiment(preset="tiny", sets=[*tiny_grid_sets(synthetic_cache),
                                                "downstream=[coco_ft]"])
     with pytest.raises(ConfigError, match="unknown protocol 'coco_ft'"):
-        run_cell(cfg, tmp_path / "run")
+        run_cell(cfg, tmp_path / "run", protocols=PROTOCOLS_FILE)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert "unknown protocol" in (tmp_path / "run" / "FAILED").read_text()
 
@@ -217,7 +222,8 @@ def _ddp_cell(rank: int, port: int, cache: str, run_dir: str) -> None:
     torch.set_num_threads(1)
     cfg = load_experiment(preset="tiny", sets=[*tiny_grid_sets(cache),
                                                "downstream=[flickr_zeroshot]"])
-    out = run_cell(cfg, run_dir, identity={"cell": "albef"}, device="cpu")
+    out = run_cell(cfg, run_dir, identity={"cell": "albef"}, device="cpu",
+                   protocols=PROTOCOLS_FILE)
     Path(run_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 

@@ -15,8 +15,8 @@ from conftest import tiny_grid_sets
 
 from ablations import run_grid
 from ablations.grid import expand
+from model.cell.pipeline import run_cell
 from model.config.experiment import load_experiment
-from model.engine.pipeline import run_cell
 from model.engine.run_lock import RunLock, RunLocked, lock_holder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import torch
 from test_visualize import run  # noqa: F401  (module fixture: a trained tiny run directory)
 
 from model.checkpoints import CheckpointReadError, read_checkpoint
+from model.cli import gallery as gallery_cli
+from model.cli.evaluate import main as evaluate_main
+from model.cli.export import main as export_main
 from model.engine.resume import checkpoint_path, load_checkpoint
-from model.evaluate import main as evaluate_main
-from model.export import main as export_main
-from model.method import visualize
 
 
 class _Touch:
@@ -39,10 +39,10 @@ def crafted(run, tmp_path: Path) -> tuple[Path, Path]:  # noqa: F811
 def test_gallery_cli_refuses_a_crafted_pickle(run, crafted, tmp_path: Path) -> None:  # noqa: F811
     path, marker = crafted
     with pytest.raises(SystemExit, match="--trust-pickle"):
-        visualize.main(["--run-dir", str(run["dir"]), "--checkpoint", str(path), "--n", "1",
+        gallery_cli.main(["--run-dir", str(run["dir"]), "--checkpoint", str(path), "--n", "1",
                         "--out", str(tmp_path / "g.png")])
     assert not marker.exists()
-    visualize.main(["--run-dir", str(run["dir"]), "--checkpoint", str(path), "--n", "1",
+    gallery_cli.main(["--run-dir", str(run["dir"]), "--checkpoint", str(path), "--n", "1",
                     "--out", str(tmp_path / "g.png"), "--trust-pickle"])
     assert marker.exists()  # the opt-in really unpickles (this file is "trusted" here)
 

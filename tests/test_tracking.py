@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_grid_sets
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from model.cell.pipeline import run_cell
 from model.config.experiment import experiment_hash, load_experiment
-from model.engine.pipeline import run_cell
 from model.engine.tracking import TB_DIR, Tracker
 
 

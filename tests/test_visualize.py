@@ -1,4 +1,5 @@
-"""The Grad-CAM gallery (model/method/visualize.py): library and CLI, and the PNG is looked at.
+"""The Grad-CAM gallery (model/engine/gallery.py, model/cli/gallery.py): library and CLI;
+the PNG is looked at.
 
 A tiny model is trained for a few steps with the real trainer on a small synthetic set (so the
 CLI has a real run directory); the gallery PNG is read back with matplotlib and its panels are
@@ -20,13 +21,14 @@ import torch
 from PIL import Image
 from tiny import stop_training_after
 
+from model.cli import gallery as gallery_cli
 from model.config.experiment import load_experiment
 from model.data.synthetic import SyntheticSpec, generate
 from model.data.transforms import build_transform
+from model.engine import gallery
+from model.engine.gallery import CAPTION_H, LABEL_H, PAD, gradcam_gallery, overlay
 from model.engine.train import train
-from model.method import visualize
 from model.method.gradcam import gradcam_maps, minmax_normalise
-from model.method.visualize import CAPTION_H, LABEL_H, PAD, gradcam_gallery, overlay
 
 PANEL = 128
 TRAIN_STEPS = 4
@@ -172,7 +174,7 @@ def test_cli_end_to_end(run, tmp_path) -> None:
     run_dir = run["dir"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()
     out = tmp_path / "cli.png"
-    res = visualize.main(["--run-dir", str(run_dir), "--n", "3", "--out", str(out)])
+    res = gallery_cli.main(["--run-dir", str(run_dir), "--n", "3", "--out", str(out)])
     assert out.is_file()
     png = mpimg.imread(out)
     assert png.shape[:2] == res.size == _expected_size(3, res.n_columns)
@@ -191,7 +193,7 @@ def test_cli_end_to_end(run, tmp_path) -> None:
 
     # explicit pairs, explicit checkpoint, default output path, options
     image = run["sources"].image_root / entries[0]["image"]
-    res2 = visualize.main(["--run-dir", str(run_dir), "--checkpoint",
+    res2 = gallery_cli.main(["--run-dir", str(run_dir), "--checkpoint",
                            str(run_dir / "checkpoint.pt"), "--image", str(image), "--caption",
                            "a red circle", "--image", str(image), "--caption",
                            "a large blue square above a small red circle", "--mask-word", "2",
@@ -202,7 +204,7 @@ def test_cli_end_to_end(run, tmp_path) -> None:
     assert [r.mask_word for r in res2.rows] == [2, 2] and res2.layer == 0
     assert mpimg.imread(res2.path).shape[:2] == res2.size
     with pytest.raises(SystemExit):
-        visualize.main(["--run-dir", str(run_dir), "--image", str(image)])
+        gallery_cli.main(["--run-dir", str(run_dir), "--image", str(image)])
 
 
 def _magenta(path: Path) -> np.ndarray:
@@ -212,30 +214,30 @@ def _magenta(path: Path) -> np.ndarray:
 
 def test_cli_draws_the_ground_truth_boxes_of_synthetic_pairs(run, tmp_path) -> None:
     out = tmp_path / "boxes.png"
-    res = visualize.main(["--run-dir", str(run["dir"]), "--n", "2", "--out", str(out),
+    res = gallery_cli.main(["--run-dir", str(run["dir"]), "--n", "2", "--out", str(out),
                           "--no-blur"])
     magenta = _magenta(out)
     assert magenta.any()
     # Outlines on every panel of both rows (image, one per word, mask).
     for r in range(2):
         for c in range(res.n_columns):
-            top, left, bottom, right = visualize._panel_box(r, c, res.panel_size)
+            top, left, bottom, right = gallery._panel_box(r, c, res.panel_size)
             assert magenta[top:bottom + 1, left:right + 1].any(), (r, c)
     # Pairs given on the command line have no boxes.
     image = run["sources"].image_root / json.loads(
         Path(run["sources"].eval_file).read_text())[0]["image"]
     plain = tmp_path / "plain.png"
-    visualize.main(["--run-dir", str(run["dir"]), "--image", str(image), "--caption",
+    gallery_cli.main(["--run-dir", str(run["dir"]), "--image", str(image), "--caption",
                     "a red circle", "--out", str(plain), "--no-blur"])
     assert not _magenta(plain).any()
 
 
 @pytest.mark.slow
 def test_cli_as_a_module(run, tmp_path) -> None:
-    """``python -m model.method.visualize`` in a fresh interpreter (import cost: marked slow)."""
+    """``python -m model.cli.gallery`` in a fresh interpreter (import cost: marked slow)."""
     out = tmp_path / "module.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "model.method.visualize", "--run-dir", str(run["dir"]), "--n",
+        [sys.executable, "-m", "model.cli.gallery", "--run-dir", str(run["dir"]), "--n",
          "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and "wrote" in proc.stdout

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from model.cell.stages import run_downstream
 from model.config.schema import ExperimentConfig
 from model.engine.distributed import barrier, cleanup_distributed
 from model.engine.evaluation import evaluate_trained
 from model.engine.guard import blowup_text, detect_blowup
+from model.engine.protocol import ProtocolRegistry, load_protocols, validate_downstream
 from model.engine.resume import checkpoint_path
 from model.engine.run_io import (
     DONE,
@@ -41,8 +43,12 @@ log = logging.getLogger(__name__)
 
 
 def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any] | None = None,
-             device: str | None = None, progress: bool = False) -> dict[str, Any]:
+             device: str | None = None, progress: bool = False,
+             protocols: str | Path | None = None) -> dict[str, Any]:
     """Train + evaluate one run directory; idempotent (a finished run returns its result).
+
+    ``protocols``: the protocols file that names ``cfg.downstream``'s stages (the grid's
+    ablations/protocols.yaml); required when the config lists downstream protocols.
 
     """
     run_dir = Path(run_dir)
@@ -57,7 +63,7 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
     with lock:
         (run_dir / FAILED).unlink(missing_ok=True)  # a resubmission gets a fresh chance
         try:
-            return _run(cfg, run_dir, identity or {}, device, progress)
+            return _run(cfg, run_dir, identity or {}, device, progress, protocols)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
             if not isinstance(exc, KeyboardInterrupt | SystemExit):
                 tail = "".join(traceback.format_exception(exc))[-4000:]
@@ -87,13 +93,22 @@ def _launch_rank() -> int:
     return 0
 
 
-def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
-         progress: bool) -> dict[str, Any]:
-    t0 = time.time()
-    if cfg.downstream:  # fail now on a bad protocol name or stage config, not after pre-training
-        from model.engine.protocol import validate_downstream
+def _registry(cfg: ExperimentConfig, protocols: str | Path | None) -> ProtocolRegistry | None:
+    """The protocols of ``cfg.downstream`` (None when there are none)."""
+    if not cfg.downstream:
+        return None
+    if protocols is None:
+        raise ValueError(f"downstream lists {list(cfg.downstream)} but no protocols file was "
+                         "given (run_cell(..., protocols=ablations/protocols.yaml))")
+    registry = load_protocols(protocols)
+    validate_downstream(cfg, registry)  # fail now on a bad stage config, not after pre-training
+    return registry
 
-        validate_downstream(cfg)
+
+def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device: str | None,
+         progress: bool, protocols: str | Path | None) -> dict[str, Any]:
+    t0 = time.time()
+    registry = _registry(cfg, protocols)
     summary, tr = train(cfg, run_dir, device=device, identity=identity, progress=progress)
     barrier()
     # Every rank evaluates: under torch.distributed the ITM re-ranking splits the query rows
@@ -117,13 +132,11 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     is_main, rank, config_hash = tr.dist.is_main, tr.dist.rank, tr.config_hash
     stages: dict[str, Any] = {}
     if cfg.downstream:
-        from model.engine.protocol import run_downstream
-
         del tr  # free the pre-training model and optimizer before the stages build theirs
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         stages = run_downstream(cfg, run_dir, checkpoint_path(run_dir), cfg.downstream,
-                                identity, device=device, progress=progress)
+                                identity, registry=registry, device=device, progress=progress)
     if not is_main:
         return {"status": "done", "rank": rank}
     result = {

@@ -38,7 +38,7 @@ from model.checkpoints import CheckpointMismatchError, CheckpointReadError
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError, replace_path
 from model.config.schema import ExperimentConfig
-from model.downstream.config import TaskConfig
+from model.config.task import TaskConfig
 from model.downstream.run import run_task
 from model.engine.protocol import (
     RECALL_KEYS,

@@ -233,7 +233,7 @@ class ShardDataConfig:
     """Pre-training from webdataset tar shards (``data.format = shards``; model/data/shards.py).
 
     ``index``: the shard list (``{"shardlist": [{"url", "nsamples"}]}``, written by
-    ``python -m model.data.prepare shards`` or ``shard-index``); generated for synthetic data.
+    ``python -m model.cli.prepare shards`` or ``shard-index``); generated for synthetic data.
     ``streams_per_rank``: independent shard streams per rank; ``data.num_workers`` must divide
     it, and the data order depends on it (not on the worker count). ``sampling``: ``epoch``
     (every sample at most once per epoch) or ``resample`` (shards drawn with replacement,

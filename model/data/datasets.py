@@ -28,8 +28,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from model.data.captions import pre_caption
+from model.data.jsonio import DataFileError, iter_json_array
 from model.data.packed import CaptionTable, StringPacker
-from model.data.prepare import PrepareError, iter_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _iter_json_list(path: Path) -> Iterator[Any]:
         raise FileNotFoundError(f"annotation file {path} does not exist")
     try:
         yield from iter_json_array(path, "annotation file")
-    except PrepareError as err:  # malformed JSON or not a list; the message names the file
+    except DataFileError as err:  # malformed JSON or not a list; the message names the file
         raise AnnotationError(str(err)) from err
 
 

@@ -9,7 +9,7 @@ should test.
 
 Command line::
 
-    python -m model.data.preflight coco_train.json coco_test.json --image-root DATA/images \\
+    python -m model.cli.preflight coco_train.json coco_test.json --image-root DATA/images \\
         [--sample 1000] [--seed 0] [--no-decode] [--workers 8]
 
 exits with status 1 when anything is wrong (2 for unusable arguments), after printing the
@@ -21,12 +21,9 @@ PIL's ``LOAD_TRUNCATED_IMAGES``): training on them silently feeds grey blocks to
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,7 +34,7 @@ import pandas as pd
 from PIL import Image, ImageFile
 
 from model.data.captions import pre_caption
-from model.data.prepare import PrepareError, iter_json_array
+from model.data.jsonio import DataFileError, iter_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +227,7 @@ def scan_annotations(path: Path, log: _ProblemLog) -> tuple[FileStats, dict[str,
                 )
             if isinstance(entry, dict) and isinstance(entry.get("image"), str) and entry["image"]:
                 images.setdefault(entry["image"], index)
-    except PrepareError as err:
+    except DataFileError as err:
         # Keep the counts up to the break; the file as a whole is unusable.
         stats.format = "invalid"
         log.add(Problem(str(path), None, None, str(err)))
@@ -347,52 +344,3 @@ def preflight(
             report.files.append(stats)
     report.problems, report.problem_count = log.kept, log.count
     return report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``python -m model.data.preflight``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m model.data.preflight",
-        description="Check caption JSON files and their images before training.",
-    )
-    parser.add_argument("ann_files", type=Path, nargs="+", help="annotation JSON file(s)")
-    parser.add_argument("--image-root", type=Path, required=True, help="root of the image paths")
-    parser.add_argument("--sample", type=int, help="check N random images per file (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
-    parser.add_argument("--no-decode", action="store_true", help="only check that images exist")
-    parser.add_argument("--workers", type=int, default=0, help="image-check threads (default: 0)")
-    parser.add_argument("--max-problems", type=int, default=20, help="problems listed (default 20)")
-    parser.add_argument("--report", type=Path, help="also write the Markdown report here")
-    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the preflight CLI; exit status 0 if all is well, 1 on problems, 2 on bad arguments."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.sample is not None and args.sample < 0:
-        print(f"error: --sample must be >= 0, got {args.sample}", file=sys.stderr)
-        return 2
-    report = preflight(
-        args.ann_files,
-        args.image_root,
-        sample=args.sample,
-        seed=args.seed,
-        decode=not args.no_decode,
-        workers=args.workers,
-        max_problems=args.max_problems,
-    )
-    text = report.to_markdown()
-    print(text)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@ worker, resumable at the exact sample.
 
 Layout. A shard is a tar file of samples ``<key>.jpg|jpeg|png|webp`` with ``<key>.txt`` and/or
 ``<key>.json`` (``{"caption": str | [str, ...]}``), as img2dataset writes them or as
-``python -m model.data.prepare shards`` converts an ALBEF caption file. An index lists the
+``python -m model.cli.prepare shards`` converts an ALBEF caption file. An index lists the
 shards and their sample counts, ``{"shardlist": [{"url": "00000.tar", "nsamples": 10000}, ...]}``
 (the shard list of webdataset's ``wids`` index format); relative URLs are resolved against the
 index's folder, and anything webdataset's ``gopen`` opens may be listed (a path, ``pipe:`` a

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model.config.schema import ExperimentConfig
+from model.config.task import TaskConfig
 from model.data.datasets import PretrainDataset
 from model.data.sampling import SeededDataset
 from model.data.synthetic_tasks import TaskSizes, generate_task
@@ -30,7 +31,6 @@ from model.data.task_data import (
     load_vqa,
 )
 from model.data.transforms import build_transform
-from model.downstream.config import TaskConfig
 from model.engine.data import DataSources, crop_scale, synthetic_spec
 from model.engine.distributed import DistInfo
 

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from model.albef import ALBEF
 from model.checkpoints import AllowRule, LoadReport, apply_state
 from model.config.schema import ExperimentConfig, TrainConfig
+from model.config.task import TaskConfig
 from model.data.task_data import encode_answers
 from model.downstream.backbone import Backbones
-from model.downstream.config import TaskConfig
 from model.downstream.data import build_ta_loader
 from model.downstream.models import build_task_model
 from model.downstream.objective import (

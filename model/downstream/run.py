@@ -21,8 +21,8 @@ from model.build import build_albef, resolve_vocab_size
 from model.checkpoints import LoadReport, apply_state, read_state
 from model.config.loader import to_dict
 from model.config.schema import ExperimentConfig
+from model.config.task import TaskConfig
 from model.downstream.backbone import bert_config, load_backbones
-from model.downstream.config import TaskConfig
 from model.downstream.data import build_task_splits, resolve_task_files
 from model.downstream.finetune import (
     SPLIT_NAMES,

@@ -8,16 +8,14 @@ numbers). A stage's config is derived, never written by hand:
     + the protocol's override files (+ its ``synthetic`` layers when ``data.kind = synthetic``)
     + caller ``sets`` + ``train.init_from`` = the ``from`` stage's checkpoint, ``downstream = ()``
 
-``run_downstream`` runs the stages of a cell in ``<run_dir>/<protocol>/`` (training through
-``model.engine.train.train``, which resumes; a stage with its own ``DONE`` is skipped) and
 ``evaluate_checkpoint`` evaluates any checkpoint (ours, full or slim, or an official ALBEF file)
-under a protocol; ``model.evaluate`` is its CLI.
+under a protocol; ``model.cli.evaluate`` is its CLI. The stages of a cell are run by
+``model.cell.stages.run_downstream``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +31,8 @@ from model.checkpoints import (
     load_checkpoint_state,
     read_checkpoint,
 )
-from model.config.experiment import experiment_hash
 from model.config.loader import (
     ConfigError,
-    dump_yaml,
     from_dict,
     load_yaml_file,
     merge_layers,
@@ -45,26 +41,13 @@ from model.config.loader import (
     to_dict,
 )
 from model.config.schema import ExperimentConfig
-from model.downstream.config import TaskConfig
+from model.config.task import TaskConfig
 from model.engine.data import build_eval_dataset, build_tokenizer, resolve_sources
-from model.engine.distributed import barrier, init_distributed
-from model.engine.evaluation import evaluate_trained, file_sha256
-from model.engine.resume import checkpoint_path
+from model.engine.evaluation import file_sha256
 from model.engine.retrieval import evaluate_retrieval
-from model.engine.run_io import (
-    CONFIG,
-    DONE,
-    METRICS,
-    RESULT,
-    append_jsonl,
-    read_json,
-    write_json_atomic,
-)
-from model.engine.train import train
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS_FILE = Path(__file__).resolve().parents[2] / "ablations" / "protocols.yaml"
 PRETRAIN = "pretrain"
 RECALL_KEYS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 _ENTRY_KEYS = {"description", "from", "train", "overrides", "synthetic", "dataset", "split",
@@ -246,8 +229,9 @@ def _parse_entry(path: Path, name: str, entry: Any, errors: list[str]) -> Protoc
         paper=_paper_rows(entry.get("paper"), f"{where}.paper", errors))
 
 
-def load_protocols(path: str | Path = PROTOCOLS_FILE) -> ProtocolRegistry:
-    """Read and strictly validate protocols.yaml; every error names the file and protocol."""
+def load_protocols(path: str | Path) -> ProtocolRegistry:
+    """Read and strictly validate a protocols file (the grid's is ablations/protocols.yaml);
+    every error names the file and protocol."""
     path = Path(path)
     data = load_yaml_file(path)
     errors: list[str] = []
@@ -291,7 +275,7 @@ def _protocol_layers(registry: ProtocolRegistry, name: str, synthetic: bool
 
 
 def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
-                 registry: ProtocolRegistry | None = None, sets: Sequence[str] = (),
+                 registry: ProtocolRegistry, sets: Sequence[str] = (),
                  source: str = "cell config", synthetic: bool | None = None
                  ) -> ExperimentConfig:
     """The config of protocol ``name``'s stage derived from a cell's (pre-training) config.
@@ -302,7 +286,6 @@ def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
     ``train.init_from = init_from`` (when given) and ``downstream = ()``. The stage always
     reads ALBEF JSON files (``data.format = json``).
     """
-    registry = registry or load_protocols()
     registry.get(name)
     user = [("--set", parse_dotlist(sets))] if sets else []
     cell = to_dict(cfg)
@@ -323,11 +306,10 @@ def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
     return from_dict(ExperimentConfig, merged, origins)
 
 
-def validate_downstream(cfg: ExperimentConfig, registry: ProtocolRegistry | None = None
+def validate_downstream(cfg: ExperimentConfig, registry: ProtocolRegistry
                         ) -> dict[str, ExperimentConfig]:
     """Resolve every stage config of ``cfg.downstream`` now (before hours of pre-training):
     unknown protocols, missing override files and invalid stage configs raise ConfigError."""
-    registry = registry or load_protocols()
     stages = {name: stage_config(cfg, name, f"<{registry.get(name).source} checkpoint>", registry)
               for name in registry.resolve_order(cfg.downstream)}
     for name, stage in stages.items():
@@ -346,7 +328,7 @@ def _check_task_files(name: str, task: TaskConfig) -> None:
                if not Path(path).exists()]
     if missing:
         raise ConfigError([*missing, "convert the official annotations first (docs/DATA.md, "
-                                     "python -m model.data.prepare) or fix the paths"])
+                                     "python -m model.cli.prepare) or fix the paths"])
 
 
 def eval_image_size(cfg: ExperimentConfig) -> int:
@@ -546,188 +528,3 @@ def protocol_warnings(registry: ProtocolRegistry, name: str, info: CheckpointInf
         out.append(f"the split has {n_images} images but the paper's {p.split_name} has "
                    f"{p.split_images}")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the stages of a cell
-
-
-@dataclass
-class StageResult:
-    """One stage's numbers; ``checkpoint`` is the model they are for (a training stage's own
-    checkpoint, else the checkpoint it evaluated)."""
-
-    protocol: str
-    metrics: dict[str, float]
-    provenance: dict[str, Any]
-    run_dir: Path
-    checkpoint: Path
-    trained: bool
-    config_hash: str
-    train_steps: int = 0
-    skipped: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"protocol": self.protocol, "metrics": dict(self.metrics),
-                "provenance": dict(self.provenance), "run_dir": str(self.run_dir),
-                "checkpoint": str(self.checkpoint), "trained": self.trained,
-                "config_hash": self.config_hash, "train_steps": self.train_steps}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StageResult:
-        return cls(data["protocol"], dict(data["metrics"]), dict(data["provenance"]),
-                   Path(data["run_dir"]), Path(data["checkpoint"]), bool(data["trained"]),
-                   str(data["config_hash"]), int(data.get("train_steps", 0)), skipped=True)
-
-
-def _stage_provenance(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
-                      init: Path, init_size: int) -> dict[str, Any]:
-    p = registry.get(name)
-    out = {
-        "protocol": name, "protocol_description": p.description,
-        "stage": registry.stage_label(name),
-        "evaluation": "fine-tuned" if p.train else "zero-shot",
-        "split_name": p.split_name, "init_from": str(init), "init_image_size": init_size,
-        "data_kind": stage_cfg.data.kind,
-    }
-    if p.train:
-        out["selection"] = "last epoch (ALBEF keeps the epoch with the best val r_mean)"
-    if stage_cfg.data.kind == "synthetic":
-        out["stand_in"] = (f"synthetic data replaces {p.split_name or p.dataset} "
-                           "(the protocol's files are not read)")
-    return out
-
-
-def _train_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
-                 stage_dir: Path, init: Path, init_size: int, identity: dict[str, Any],
-                 device: str | None, progress: bool) -> StageResult | None:
-    summary, tr = train(stage_cfg, stage_dir, device=device, identity=identity,
-                        progress=progress)
-    barrier()
-    with torch.no_grad():  # all ranks: the re-ranking is split across them
-        metrics, provenance = evaluate_trained(tr)
-    if not tr.dist.is_main:
-        return None
-    provenance.update(_stage_provenance(registry, name, stage_cfg, init, init_size))
-    provenance["pos_embed_shape"] = list(tr.objective.student.visual_encoder.pos_embed.shape)
-    append_jsonl(stage_dir / METRICS, {"kind": "eval", "step": summary.steps,
-                                       "split": provenance["split"], **metrics})
-    return StageResult(name, metrics, provenance, stage_dir, checkpoint_path(stage_dir), True,
-                       tr.config_hash, summary.steps)
-
-
-def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
-                stage_dir: Path, init: Path, init_size: int, device: str | None
-                ) -> StageResult | None:
-    dist_info = init_distributed(device, stage_cfg.train.dist_timeout_min)
-    result = evaluate_checkpoint(stage_cfg, init, dist_info.device)  # all ranks (collective)
-    if not dist_info.is_main:
-        return None
-    dump_yaml(stage_cfg, stage_dir / CONFIG)
-    provenance = {**result.provenance,
-                  **_stage_provenance(registry, name, stage_cfg, init, init_size)}
-    append_jsonl(stage_dir / METRICS, {"kind": "eval", "step": 0,
-                                       "split": provenance["split"], **result.metrics})
-    return StageResult(name, result.metrics, provenance, stage_dir, init, False,
-                       experiment_hash(stage_cfg))
-
-
-def _method_switches(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Which of the cell's method switches were on, and that the task fine-tuning uses none."""
-    return {"softmask": cfg.softmask.mode, "focal_gamma": cfg.loss.focal_gamma,
-            "mmda": cfg.mmda.enabled,
-            "applied_in_fine_tuning": "none: the task objectives have no ITC / ITM / MLM term; "
-                                      "the cell differs only by its pre-trained checkpoint"}
-
-
-def _task_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConfig,
-                stage_dir: Path, init: Path, init_size: int, identity: dict[str, Any],
-                device: str | None) -> StageResult | None:
-    """A downstream task (SNLI-VE, NLVR2, VQA): fine-tune from ``init`` and evaluate."""
-    # Imported here: the task runner builds on the engine (data, optimiser, distributed), and
-    # this module is imported by the engine's pipeline.
-    from model.downstream.run import run_task
-
-    task = registry.get(name).task_config(stage_cfg.data.kind == "synthetic")
-    dump_yaml(stage_cfg, stage_dir / CONFIG)
-    result = run_task(stage_cfg, task, init, stage_dir, device=device, init_image_size=init_size,
-                      identity=identity)
-    if init_distributed(device, stage_cfg.train.dist_timeout_min).is_main:
-        provenance = {**_stage_provenance(registry, name, stage_cfg, init, init_size),
-                      **result.provenance, "task_config": to_dict(task),
-                      "method_switches": _method_switches(stage_cfg)}
-        return StageResult(name, result.metrics, provenance, stage_dir,
-                           stage_dir / "task_checkpoint.pt", True, experiment_hash(stage_cfg),
-                           int(result.provenance.get("train_steps", 0)))
-    return None
-
-
-def run_downstream(cfg: ExperimentConfig, run_dir: str | Path, pretrain_checkpoint: str | Path,
-                   protocols: Sequence[str], identity: dict[str, Any] | None = None, *,
-                   device: str | None = None, progress: bool = False,
-                   registry: ProtocolRegistry | None = None, sets: Sequence[str] = ()
-                   ) -> dict[str, StageResult]:
-    """Run the downstream stages of one cell after its pre-training; resumable and idempotent.
-
-    Each protocol (and any protocol it starts ``from`` that was not listed, run first) runs in
-    ``<run_dir>/<protocol>/`` with the derived :func:`stage_config`: training stages train (or
-    resume) with ``model.engine.train.train`` and evaluate their final checkpoint; evaluation
-    stages evaluate the checkpoint of their ``from`` stage. A stage directory holding ``DONE``
-    is not run again; its ``result.json`` is returned.
-
-    All ranks must call this under torch.distributed (training is data-parallel and the ITM
-    re-ranking is split across ranks); only rank 0 writes results and gets the stage results
-    (other ranks get ``{}``).
-
-    Args:
-        cfg: The cell's (pre-training) config.
-        run_dir: The cell's run directory.
-        pretrain_checkpoint: The pre-training checkpoint (``<run_dir>/checkpoint.pt``).
-        protocols: Protocol names from ablations/protocols.yaml, e.g. ``("coco_finetune",)``.
-        identity: The cell's identity (grid, cell, seed, ...), recorded with each stage.
-        sets: ``key=value`` items applied to every stage's config after the protocol layers.
-    """
-    registry = registry or load_protocols()
-    run_dir = Path(run_dir)
-    order = registry.resolve_order(protocols)
-    checkpoints = {PRETRAIN: Path(pretrain_checkpoint).resolve()}
-    configs = {PRETRAIN: cfg}
-    results: dict[str, StageResult] = {}
-    for name in order:
-        p = registry.get(name)
-        stage_dir = run_dir / name
-        init = checkpoints[p.source]
-        stage_cfg = stage_config(cfg, name, init, registry, sets)
-        configs[name] = stage_cfg
-        checkpoints[name] = checkpoint_path(stage_dir).resolve() if p.train else init
-        if (stage_dir / DONE).exists():
-            done = StageResult.from_dict(read_json(stage_dir / RESULT))
-            if done.config_hash != experiment_hash(stage_cfg):
-                log.warning("stage %s in %s finished under config %s but its config is now %s; "
-                            "keeping the finished result (delete the directory to redo it)",
-                            name, stage_dir, done.config_hash, experiment_hash(stage_cfg))
-            log.info("stage %s already done in %s", name, stage_dir)
-            results[name] = done
-            continue
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        init_size = configs[p.source].model.vision.image_size
-        t0 = time.time()
-        stage_identity = {**(identity or {}), "stage": name}
-        log.info("stage %s (%s) from %s in %s", name, registry.stage_label(name), init,
-                 stage_dir)
-        if p.task is not None:
-            result = _task_stage(registry, name, stage_cfg, stage_dir, init, init_size,
-                                 stage_identity, device)
-        elif p.train:
-            result = _train_stage(registry, name, stage_cfg, stage_dir, init, init_size,
-                                  stage_identity, device, progress)
-        else:
-            result = _eval_stage(registry, name, stage_cfg, stage_dir, init, init_size, device)
-        if result is not None:
-            write_json_atomic(stage_dir / RESULT, {
-                **stage_identity, "status": "done", **result.to_dict(),
-                "wall_s": time.time() - t0})
-            (stage_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-            results[name] = result
-        barrier()
-    return results

@@ -69,7 +69,7 @@ def train_rows(path: Path) -> list[dict[str, Any]]:
 
 def git_revision(repo: Path | None = None) -> tuple[str, bool]:
     """(commit sha or 'unknown', dirty flag) of the code that runs."""
-    cwd = repo or Path(__file__).resolve().parents[2]
+    cwd = repo or Path(__file__).resolve().parent  # git finds the checkout from any folder in it
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                              text=True, timeout=10).stdout.strip() or "unknown"

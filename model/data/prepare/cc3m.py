@@ -19,7 +19,6 @@ validation: run the converter once per TSV and pass both outputs to ``combine``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -27,18 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.data.jsonio import DataFileError, require_file
 from model.data.prepare import (
-    PrepareError,
+    ConvertOptions,
     PrepareSummary,
-    add_common_arguments,
-    call_converter,
     caption_entry,
     caption_transform,
     index_images,
-    new_subparser,
     parse_index_stem,
     progress,
-    require_file,
     scan_images,
     write_pretrain,
 )
@@ -47,15 +43,14 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("img2dataset", "index")
 _HEADER = ("caption", "url")
-# One-line description in ``python -m model.data.prepare --help``.
-HELP = "Conceptual Captions (TSV + downloaded images) -> cc3m_<split>.json"
+# One-line description in ``python -m model.cli.prepare --help``.
 
 
 def iter_tsv(path: Path) -> Iterator[tuple[int, str, str]]:
     """Yield ``(row, caption, url)`` for each data line of a CC3M TSV (row counted from 0).
 
     Raises:
-        PrepareError: On a line that is not ``caption<TAB>url`` (names the line number).
+        DataFileError: On a line that is not ``caption<TAB>url`` (names the line number).
     """
     require_file(path, "CC3M TSV")
     row = 0
@@ -65,7 +60,7 @@ def iter_tsv(path: Path) -> Iterator[tuple[int, str, str]]:
             if line_no == 1 and tuple(f.strip().lower() for f in fields) == _HEADER:
                 continue
             if len(fields) != 2:
-                raise PrepareError(
+                raise DataFileError(
                     f"{path}: line {line_no} has {len(fields)} tab-separated fields; "
                     "expected 2 (caption, url)"
                 )
@@ -90,9 +85,9 @@ def _read_sidecar_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrepareError(f"{path}: unreadable img2dataset metadata ({err})") from err
+        raise DataFileError(f"{path}: unreadable img2dataset metadata ({err})") from err
     if not isinstance(data, dict):
-        raise PrepareError(f"{path}: img2dataset metadata should be a JSON object")
+        raise DataFileError(f"{path}: img2dataset metadata should be a JSON object")
     return data
 
 
@@ -185,10 +180,7 @@ def prepare_cc3m(
     tsv: Path | None = None,
     layout: str = "img2dataset",
     index_base: int = 0,
-    image_prefix: str = "",
-    clean_captions: bool = False,
-    max_words: int = 30,
-    show_progress: bool | None = None,
+    options: ConvertOptions | None = None,
 ) -> PrepareSummary:
     """Convert downloaded Conceptual Captions images into a pre-training caption file.
 
@@ -199,47 +191,27 @@ def prepare_cc3m(
             ``"img2dataset"``.
         layout: ``"img2dataset"`` or ``"index"``.
         index_base: Row number of the first TSV data row for ``layout="index"``.
-        image_prefix: Prefix for every written image path (e.g. ``"cc3m/"``).
-        clean_captions: Apply ALBEF's ``pre_caption`` now instead of at load time.
-        max_words: Word limit for ``clean_captions``.
-        show_progress: Force progress bars on/off (None: only on a terminal).
+        options: Image-path prefix, caption cleaning, progress bars (:class:`ConvertOptions`).
     """
+    options = options or ConvertOptions()
     if layout not in LAYOUTS:
-        raise PrepareError(f"CC3M layout must be one of {LAYOUTS}, got {layout!r}")
-    transform = caption_transform(clean_captions, max_words)
+        raise DataFileError(f"CC3M layout must be one of {LAYOUTS}, got {layout!r}")
+    transform = caption_transform(options.clean_captions, options.max_words)
     summary = PrepareSummary("cc3m")
     if layout == "index":
         if tsv is None:
-            raise PrepareError("CC3M --layout index needs --tsv (captions come from the TSV)")
+            raise DataFileError("CC3M --layout index needs --tsv (captions come from the TSV)")
         entries, summary.stats = index_entries(
-            tsv, images_dir, index_base, transform, image_prefix, show_progress
+            tsv, images_dir, index_base, transform, options.image_prefix, options.show_progress
         )
     else:
         entries, urls, summary.stats = img2dataset_entries(
-            images_dir, transform, image_prefix, show_progress
+            images_dir, transform, options.image_prefix, options.show_progress
         )
         if tsv is not None and urls:
-            summary.stats.update(count_rows_with_images(tsv, urls, show_progress))
+            summary.stats.update(count_rows_with_images(tsv, urls, options.show_progress))
         else:
             reason = "no --tsv given" if tsv is None else "the .json side-car files have no url"
             summary.notes.append(f"TSV rows with an image: unknown ({reason})")
     write_pretrain(summary, out, entries)
     return summary
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cc3m`` on the ``python -m model.data.prepare`` command line."""
-    parser = new_subparser(subparsers, "cc3m", HELP, __doc__, run)
-    parser.add_argument("--images", type=Path, required=True, help="download directory")
-    parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. cc3m_train.json")
-    parser.add_argument("--tsv", type=Path, help="Train_GCC-training.tsv (or the validation TSV)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="img2dataset", help="download layout")
-    parser.add_argument(
-        "--index-base", type=int, default=0, help="number of the first TSV row for --layout index"
-    )
-    add_common_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> PrepareSummary:
-    """Run the ``cc3m`` subcommand."""
-    return call_converter(prepare_cc3m, args, images_dir="images")

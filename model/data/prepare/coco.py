@@ -20,7 +20,6 @@ The Karpathy parsing here is shared with the Flickr30K converter.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -30,23 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.data.jsonio import DataFileError, read_json, require_file, write_json_list
 from model.data.prepare import (
+    ConvertOptions,
     OutputCount,
-    PrepareError,
     PrepareSummary,
-    add_common_arguments,
-    call_converter,
     caption_transform,
     count_captions,
     count_images,
     join_image_path,
-    new_subparser,
     note_raw_captions,
     paper_comparison,
     progress,
-    read_json,
-    require_file,
-    write_json_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,8 +49,7 @@ logger = logging.getLogger(__name__)
 # val2014 set that Karpathy's split hands to training.
 SPLIT_TO_OUTPUT = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 _MAX_EXAMPLES = 10
-# One-line description in ``python -m model.data.prepare --help``.
-HELP = "COCO 2014 + Karpathy split -> coco_{train,val,test,pretrain}.json"
+# One-line description in ``python -m model.cli.prepare --help``.
 
 
 @dataclass(frozen=True)
@@ -73,13 +66,13 @@ class KarpathyImage:
 
 
 def _require_key(path: Path, index: int, item: dict[str, Any], key: str, kind: type) -> Any:
-    """Return ``item[key]`` if present with type ``kind``; else a PrepareError naming the entry."""
+    """Return ``item[key]`` if present with type ``kind``; else a DataFileError naming the entry."""
     if key not in item:
-        raise PrepareError(f"{path}: images[{index}] has no {key!r} key (Karpathy split format)")
+        raise DataFileError(f"{path}: images[{index}] has no {key!r} key (Karpathy split format)")
     value = item[key]
     # bool is an int subclass; an id of True is a broken file, not an id.
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise PrepareError(
+        raise DataFileError(
             f"{path}: images[{index}][{key!r}] should be {kind.__name__}, "
             f"got {type(value).__name__}"
         )
@@ -92,7 +85,7 @@ def _sentences(path: Path, index: int, item: dict[str, Any]) -> tuple[str, ...]:
     raws = []
     for j, sentence in enumerate(sentences):
         if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
-            raise PrepareError(
+            raise DataFileError(
                 f"{path}: images[{index}]['sentences'][{j}] should be an object with a string "
                 "'raw' caption"
             )
@@ -113,13 +106,13 @@ def parse_karpathy_image(
         image_dir: Flickr only: the folder holding the images (Karpathy's file has no path).
     """
     if not isinstance(item, dict):
-        raise PrepareError(
+        raise DataFileError(
             f"{path}: images[{index}] should be an object, got {type(item).__name__}"
         )
     filename = _require_key(path, index, item, "filename", str)
     split = _require_key(path, index, item, "split", str)
     if split not in SPLIT_TO_OUTPUT:
-        raise PrepareError(
+        raise DataFileError(
             f"{path}: images[{index}]['split'] is {split!r}; expected one of "
             f"{sorted(SPLIT_TO_OUTPUT)}"
         )
@@ -148,12 +141,12 @@ def read_karpathy(
     """Read and validate a Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``).
 
     Raises:
-        PrepareError: Missing file, wrong structure (names the ``images[i]`` entry), or an image
+        DataFileError: Missing file, wrong structure (names the ``images[i]`` entry), or an image
             listed twice.
     """
     data = read_json(path, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise PrepareError(
+        raise DataFileError(
             f"{path}: expected a JSON object with an 'images' list (Karpathy split format)"
         )
     declared = data.get("dataset")
@@ -168,7 +161,7 @@ def read_karpathy(
     seen: dict[str, int] = {}
     for image in images:
         if image.image in seen:
-            raise PrepareError(
+            raise DataFileError(
                 f"{path}: images[{image.index}] repeats {image.image!r} "
                 f"(first at images[{seen[image.image]}])"
             )
@@ -233,7 +226,7 @@ def _load_official(files: Sequence[Path]) -> tuple[dict[int, str], dict[int, int
             with contextlib.redirect_stdout(io.StringIO()):
                 coco = COCO(str(path))
         except (json.JSONDecodeError, AssertionError, KeyError, TypeError) as err:
-            raise PrepareError(
+            raise DataFileError(
                 f"{path}: not a COCO captions annotation file ({type(err).__name__}: {err}); "
                 "expected an object with 'images' and 'annotations' lists"
             ) from err
@@ -288,10 +281,7 @@ def prepare_coco(
     out_dir: Path,
     official: Sequence[Path] = (),
     strict: bool = False,
-    image_prefix: str = "",
-    clean_captions: bool = False,
-    max_words: int = 30,
-    show_progress: bool | None = None,
+    options: ConvertOptions | None = None,
 ) -> PrepareSummary:
     """Convert COCO + Karpathy split into ``coco_{train,val,test,pretrain}.json``.
 
@@ -301,13 +291,11 @@ def prepare_coco(
         official: Optional official ``captions_{train,val}2014.json`` files to cross-check.
         strict: Fail instead of warning when an image is missing from the official files or
             has a different file name there.
-        image_prefix: Prefix for every written image path (e.g. ``"coco/"``).
-        clean_captions: Apply ALBEF's ``pre_caption`` now instead of at load time.
-        max_words: Word limit for ``clean_captions``.
-        show_progress: Force progress bars on/off (None: only on a terminal).
+        options: Image-path prefix, caption cleaning, progress bars (:class:`ConvertOptions`).
     """
-    transform = caption_transform(clean_captions, max_words)
-    images = read_karpathy(karpathy, "coco", show_progress=show_progress)
+    options = options or ConvertOptions()
+    transform = caption_transform(options.clean_captions, options.max_words)
+    images = read_karpathy(karpathy, "coco", show_progress=options.show_progress)
     summary = PrepareSummary("coco", stats=karpathy_split_stats(images))
     if official:
         counts, examples = cross_check_official(images, official)
@@ -316,38 +304,15 @@ def prepare_coco(
             logger.warning("official cross-check: %s", example)
         fatal = counts["official_missing"] + counts["official_filename_differs"]
         if strict and fatal:
-            raise PrepareError(
+            raise DataFileError(
                 f"{karpathy}: {fatal} Karpathy images are missing from or named differently in "
                 f"{', '.join(map(str, official))}; first: {examples[0]}"
             )
-    entries, skipped = build_split_entries(images, transform, image_prefix)
+    entries, skipped = build_split_entries(images, transform, options.image_prefix)
     summary.stats["skipped_empty_captions"] = skipped
     summary.outputs = write_karpathy_outputs(entries, out_dir, "coco", pretrain=True)
     pre = summary.output("pretrain")
     summary.notes.append(paper_comparison("coco", pre.images, pre.captions))
     summary.notes.append("pre-training file = Karpathy train + restval (as ALBEF's coco.json)")
-    note_raw_captions(summary, clean_captions)
+    note_raw_captions(summary, options.clean_captions)
     return summary
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``coco`` on the ``python -m model.data.prepare`` command line."""
-    parser = new_subparser(subparsers, "coco", HELP, __doc__, run)
-    parser.add_argument("--karpathy", type=Path, required=True, help="dataset_coco.json")
-    parser.add_argument(
-        "--official",
-        type=Path,
-        nargs="+",
-        default=[],
-        help="official captions_train2014.json captions_val2014.json (optional cross-check)",
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="fail on cross-check mismatches (default: warn)"
-    )
-    parser.add_argument("--out-dir", type=Path, required=True, help="output directory")
-    add_common_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> PrepareSummary:
-    """Run the ``coco`` subcommand."""
-    return call_converter(prepare_coco, args)

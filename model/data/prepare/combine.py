@@ -16,7 +16,6 @@ Outputs (in ``--out-dir``, file names start with ``--name``, default ``pretrain_
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,21 +26,13 @@ import pandas as pd
 import yaml
 
 from model.atomic import write_text_atomic
-from model.data.prepare import (
-    PAPER_COUNTS,
-    PrepareError,
-    iter_json_array,
-    new_subparser,
-    progress,
-    progress_flag,
-    write_json_list,
-)
+from model.data.jsonio import DataFileError, iter_json_array, write_json_list
+from model.data.prepare import PAPER_COUNTS, progress
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("coco", "vg", "sbu", "cc3m")
-# One-line description in ``python -m model.data.prepare --help``.
-HELP = "join coco/vg/sbu/cc3m pre-training files into pretrain_4m.json + counts table"
+# One-line description in ``python -m model.cli.prepare --help``.
 
 
 @dataclass
@@ -60,15 +51,16 @@ class SourceCount:
 def validate_entry(path: Path, index: int, entry: Any) -> int:
     """Check one pre-training entry and return how many captions it holds."""
     if not isinstance(entry, dict):
-        raise PrepareError(f"{path}: entry {index} should be an object, got {type(entry).__name__}")
+        raise DataFileError(
+            f"{path}: entry {index} should be an object, got {type(entry).__name__}")
     image, caption = entry.get("image"), entry.get("caption")
     if not isinstance(image, str) or not image:
-        raise PrepareError(f"{path}: entry {index} has no non-empty string 'image'")
+        raise DataFileError(f"{path}: entry {index} has no non-empty string 'image'")
     if isinstance(caption, str):
         return 1
     if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
         return len(caption)
-    raise PrepareError(f"{path}: entry {index}: 'caption' should be a string or list of strings")
+    raise DataFileError(f"{path}: entry {index}: 'caption' should be a string or list of strings")
 
 
 def _stream(
@@ -175,7 +167,7 @@ def combine(
     """
     sources = {source: list(files) for source, files in sources.items() if files}
     if not sources:
-        raise PrepareError("combine: no input files given (expected e.g. --coco FILE.json)")
+        raise DataFileError("combine: no input files given (expected e.g. --coco FILE.json)")
     counts: dict[str, SourceCount] = {}
     outputs: dict[str, Path] = {}
     if write_combined:
@@ -191,31 +183,3 @@ def combine(
     outputs["markdown"] = out_dir / f"{name}_counts.md"
     write_text_atomic(outputs["markdown"], table.to_markdown(index=False) + "\n")
     return CombineResult(table, outputs)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``combine`` on the ``python -m model.data.prepare`` command line."""
-    parser = new_subparser(subparsers, "combine", HELP, __doc__, run)
-    for source in SOURCES:
-        parser.add_argument(
-            f"--{source}", type=Path, nargs="+", default=[], help=f"{source} pre-training file(s)"
-        )
-    parser.add_argument("--out-dir", type=Path, required=True, help="output directory")
-    parser.add_argument("--name", default="pretrain_4m", help="output file stem")
-    parser.add_argument(
-        "--manifest-only",
-        action="store_true",
-        help="do not write the combined JSON; only the manifest and the counts",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="never show progress bars")
-
-
-def run(args: argparse.Namespace) -> CombineResult:
-    """Run the ``combine`` subcommand."""
-    return combine(
-        sources={source: getattr(args, source) for source in SOURCES},
-        out_dir=args.out_dir,
-        name=args.name,
-        write_combined=not args.manifest_only,
-        show_progress=progress_flag(args),
-    )

@@ -18,32 +18,27 @@ text-file format, not to the caption); nothing else is changed unless ``--clean-
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from model.data.jsonio import DataFileError, read_text_lines
 from model.data.prepare import (
-    PrepareError,
+    ConvertOptions,
     PrepareSummary,
-    add_common_arguments,
-    call_converter,
     caption_entry,
     caption_transform,
     index_images,
-    new_subparser,
     parse_index_stem,
     progress,
-    read_text_lines,
     write_pretrain,
 )
 
 logger = logging.getLogger(__name__)
 
 NAMINGS = ("basename", "index")
-# One-line description in ``python -m model.data.prepare --help``.
-HELP = "SBU Captions (url + caption text files, downloaded images) -> sbu.json"
+# One-line description in ``python -m model.cli.prepare --help``.
 
 
 def url_basename(url: str) -> str:
@@ -78,7 +73,7 @@ def read_aligned(urls: Path, captions: Path) -> tuple[list[str], list[str]]:
     url_lines = read_text_lines(urls, "SBU URL file")
     caption_lines = read_text_lines(captions, "SBU caption file")
     if len(url_lines) != len(caption_lines):
-        raise PrepareError(
+        raise DataFileError(
             f"SBU files are not line-aligned: {urls} has {len(url_lines)} lines, "
             f"{captions} has {len(caption_lines)} (expected the same number)"
         )
@@ -118,10 +113,7 @@ def prepare_sbu(
     out: Path,
     naming: str = "basename",
     index_base: int = 0,
-    image_prefix: str = "",
-    clean_captions: bool = False,
-    max_words: int = 30,
-    show_progress: bool | None = None,
+    options: ConvertOptions | None = None,
 ) -> PrepareSummary:
     """Convert SBU Captions (text files + downloaded images) into a pre-training caption file.
 
@@ -132,16 +124,14 @@ def prepare_sbu(
         out: Output JSON path (e.g. ``sbu.json``).
         naming: ``"basename"`` (file named like the URL) or ``"index"`` (file stem = line number).
         index_base: Line number of the first line for ``naming="index"`` (0 or 1).
-        image_prefix: Prefix for every written image path (e.g. ``"sbu/"``).
-        clean_captions: Apply ALBEF's ``pre_caption`` now instead of at load time.
-        max_words: Word limit for ``clean_captions``.
-        show_progress: Force progress bars on/off (None: only on a terminal).
+        options: Image-path prefix, caption cleaning, progress bars (:class:`ConvertOptions`).
     """
+    options = options or ConvertOptions()
     if naming not in NAMINGS:
-        raise PrepareError(f"SBU naming must be one of {NAMINGS}, got {naming!r}")
-    transform = caption_transform(clean_captions, max_words)
+        raise DataFileError(f"SBU naming must be one of {NAMINGS}, got {naming!r}")
+    transform = caption_transform(options.clean_captions, options.max_words)
     url_lines, caption_lines = read_aligned(urls, captions)
-    downloads, duplicates = index_downloads(images_dir, naming, show_progress)
+    downloads, duplicates = index_downloads(images_dir, naming, options.show_progress)
     entries, stats = build_entries(
         url_lines,
         caption_lines,
@@ -149,8 +139,8 @@ def prepare_sbu(
         naming,
         index_base,
         transform,
-        image_prefix,
-        show_progress,
+        options.image_prefix,
+        options.show_progress,
     )
     stats["rows_with_image"] = stats["rows"] - stats["rows_without_image"]
     stats["image_files_found"] = len(downloads)
@@ -162,31 +152,3 @@ def prepare_sbu(
             f"no line matched a file in {images_dir}; check --naming ({naming}) and --index-base"
         )
     return summary
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``sbu`` on the ``python -m model.data.prepare`` command line."""
-    parser = new_subparser(subparsers, "sbu", HELP, __doc__, run)
-    parser.add_argument(
-        "--urls", type=Path, required=True, help="SBU_captioned_photo_dataset_urls.txt"
-    )
-    parser.add_argument(
-        "--captions", type=Path, required=True, help="SBU_captioned_photo_dataset_captions.txt"
-    )
-    parser.add_argument("--images", type=Path, required=True, help="directory of downloaded images")
-    parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. sbu.json")
-    parser.add_argument(
-        "--naming",
-        choices=NAMINGS,
-        default="basename",
-        help="how image files are named: like the URL's basename, or by line index",
-    )
-    parser.add_argument(
-        "--index-base", type=int, default=0, help="number of the first line for --naming index"
-    )
-    add_common_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> PrepareSummary:
-    """Run the ``sbu`` subcommand."""
-    return call_converter(prepare_sbu, args, images_dir="images")

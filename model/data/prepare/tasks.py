@@ -20,22 +20,14 @@ missing ones is an error; ``--allow-missing-images`` drops those entries instead
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model.data.prepare import (
-    OutputCount,
-    PrepareError,
-    PrepareSummary,
-    new_subparser,
-    read_json,
-    require_file,
-    write_json_list,
-)
+from model.data.jsonio import DataFileError, read_json, require_file, write_json_list
+from model.data.prepare import OutputCount, PrepareSummary
 
 VE_LABELS = ("entailment", "neutral", "contradiction")
 NLVR_SPLITS = {"train": "train", "dev": "dev", "test1": "test"}
@@ -51,18 +43,18 @@ def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise PrepareError(f"{what} {path}: line {n}: not valid JSON ({err.msg})") from err
+                raise DataFileError(f"{what} {path}: line {n}: not valid JSON ({err.msg})") from err
             if not isinstance(obj, dict):
-                raise PrepareError(f"{what} {path}: line {n}: expected a JSON object")
+                raise DataFileError(f"{what} {path}: line {n}: expected a JSON object")
             yield n, obj
 
 
 def _field(obj: dict[str, Any], key: str, where: str, kinds: type | tuple = str) -> Any:
     if key not in obj:
-        raise PrepareError(f"{where}: missing key {key!r} (keys: {sorted(obj)})")
+        raise DataFileError(f"{where}: missing key {key!r} (keys: {sorted(obj)})")
     value = obj[key]
     if not isinstance(value, kinds) or (isinstance(value, str) and not value.strip()):
-        raise PrepareError(f"{where}: {key!r} must be a non-empty {kinds}, got {value!r}")
+        raise DataFileError(f"{where}: {key!r} must be a non-empty {kinds}, got {value!r}")
     return value
 
 
@@ -84,7 +76,7 @@ class _ImageCheck:
         if not self.missing:
             return
         if not self.allow_missing:
-            raise PrepareError(f"{len(self.missing)} referenced images are missing under "
+            raise DataFileError(f"{len(self.missing)} referenced images are missing under "
                                f"{self.root} (e.g. {self.missing[:3]}); fix --image-root or "
                                "pass --allow-missing-images to drop those entries")
         summary.stats["dropped_missing_images"] = len(self.missing)
@@ -108,7 +100,7 @@ def prepare_snli_ve(ve_dir: Path, out_dir: Path, image_prefix: str = "",
             where = f"{path}: line {n}"
             label = _field(obj, "gold_label", where)
             if label not in VE_LABELS:
-                raise PrepareError(f"{where}: gold_label {label!r} is not one of {VE_LABELS}")
+                raise DataFileError(f"{where}: gold_label {label!r} is not one of {VE_LABELS}")
             image = f"{image_prefix}{_field(obj, 'Flickr30K_ID', where, (str, int))}.jpg"
             if check.ok(image):
                 entries.append({"image": image, "sentence": _field(obj, "sentence2", where),
@@ -122,7 +114,7 @@ def prepare_snli_ve(ve_dir: Path, out_dir: Path, image_prefix: str = "",
 def _nlvr_images(identifier: str, directory: Any, where: str, split: str) -> list[str]:
     parts = identifier.split("-")
     if len(parts) != 4:
-        raise PrepareError(f"{where}: identifier {identifier!r} is not "
+        raise DataFileError(f"{where}: identifier {identifier!r} is not "
                            "<split>-<set>-<pair>-<sentence>")
     stem = "-".join(parts[:3])
     folder = f"{split}/{directory}/" if split == "train" and directory is not None else f"{split}/"
@@ -141,7 +133,7 @@ def prepare_nlvr2(nlvr_dir: Path, out_dir: Path, image_prefix: str = "",
             where = f"{path}: line {n}"
             label = str(_field(obj, "label", where, (str, bool)))
             if label not in ("True", "False"):
-                raise PrepareError(f"{where}: label {obj['label']!r} is not True or False")
+                raise DataFileError(f"{where}: label {obj['label']!r} is not True or False")
             images = [image_prefix + p for p in _nlvr_images(
                 _field(obj, "identifier", where), obj.get("directory"), where, source)]
             if check.ok(*images):
@@ -156,14 +148,14 @@ def prepare_nlvr2(nlvr_dir: Path, out_dir: Path, image_prefix: str = "",
 def _vqa_questions(path: Path) -> list[dict[str, Any]]:
     data = read_json(path, "VQA questions file")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise PrepareError(f"{path}: expected an object with a 'questions' list")
+        raise DataFileError(f"{path}: expected an object with a 'questions' list")
     return data["questions"]
 
 
 def _vqa_answers(path: Path) -> dict[int, list[str]]:
     data = read_json(path, "VQA annotations file")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise PrepareError(f"{path}: expected an object with an 'annotations' list")
+        raise DataFileError(f"{path}: expected an object with an 'annotations' list")
     out = {}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotation {i}"
@@ -185,7 +177,7 @@ def _vqa_split(q_path: Path, a_path: Path | None, folder: str, prefix: str,
                  "dataset": "vqa"}
         if answers is not None:
             if qid not in answers:
-                raise PrepareError(f"{where}: question_id {qid} has no annotation in {a_path}")
+                raise DataFileError(f"{where}: question_id {qid} has no annotation in {a_path}")
             entry["answer"] = answers[qid]
         if check.ok(image):
             entries.append(entry)
@@ -196,7 +188,7 @@ def _vg_qa(path: Path, answer_set: set[str], prefix: str, summary: PrepareSummar
            ) -> list[dict[str, Any]]:
     data = read_json(path, "Visual Genome question_answers file")
     if not isinstance(data, list):
-        raise PrepareError(f"{path}: expected a list of images with 'qas'")
+        raise DataFileError(f"{path}: expected a list of images with 'qas'")
     entries, dropped = [], 0
     for i, image in enumerate(data):
         for j, qa in enumerate(_field(image, "qas", f"{path}: entry {i}", list)):
@@ -217,7 +209,7 @@ def _answer_list(path: Path | None, train: list[dict[str, Any]], top: int) -> li
     if path is not None:
         data = read_json(path, "answer list")
         if not isinstance(data, list) or not all(isinstance(a, str) and a for a in data):
-            raise PrepareError(f"{path}: expected a JSON list of non-empty answer strings")
+            raise DataFileError(f"{path}: expected a JSON list of non-empty answer strings")
         return data
     counts = Counter(a for e in train for a in e["answer"])  # every human answer counts
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
@@ -251,49 +243,3 @@ def prepare_vqa(vqa_dir: Path, out_dir: Path, image_prefix: str = "",
     (out_dir / "answer_list.json").write_text(json.dumps(answers) + "\n", encoding="utf-8")
     summary.stats["answer_list"] = len(answers)
     return summary
-
-
-def _common(parser: argparse.ArgumentParser, source: str) -> None:
-    parser.add_argument(f"--{source}-dir", type=Path, required=True,
-                        help="folder holding the official annotation files")
-    parser.add_argument("--out-dir", type=Path, required=True, help="output directory")
-    parser.add_argument("--image-prefix", default="", help="prefix of every written image path")
-    parser.add_argument("--image-root", type=Path,
-                        help="check that every referenced image exists under this folder")
-    parser.add_argument("--allow-missing-images", action="store_true",
-                        help="drop entries whose images are missing (counted) instead of failing")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``snli-ve``, ``nlvr2`` and ``vqa`` on ``python -m model.data.prepare``."""
-    ve = new_subparser(subparsers, "snli-ve", "SNLI-VE jsonl -> ve_{train,dev,test}.json",
-                       __doc__, _run_ve)
-    _common(ve, "ve")
-    nlvr = new_subparser(subparsers, "nlvr2", "NLVR2 json lines -> nlvr_{train,dev,test}.json",
-                         __doc__, _run_nlvr)
-    _common(nlvr, "nlvr")
-    vqa = new_subparser(subparsers, "vqa", "VQA v2 (+ VG-QA) -> vqa_*.json, vg_qa.json, "
-                        "answer_list.json", __doc__, _run_vqa)
-    _common(vqa, "vqa")
-    vqa.add_argument("--vg-qa", type=Path, help="Visual Genome question_answers.json")
-    vqa.add_argument("--vg-prefix", default="", help="prefix of the VG image paths")
-    vqa.add_argument("--answer-list", type=Path, help="answer list to use (JSON list)")
-    vqa.add_argument("--top-answers", type=int, default=3128,
-                     help="without --answer-list: the most frequent training answers kept")
-
-
-def _run_ve(args: argparse.Namespace) -> PrepareSummary:
-    return prepare_snli_ve(args.ve_dir, args.out_dir, args.image_prefix, args.image_root,
-                           args.allow_missing_images)
-
-
-def _run_nlvr(args: argparse.Namespace) -> PrepareSummary:
-    return prepare_nlvr2(args.nlvr_dir, args.out_dir, args.image_prefix, args.image_root,
-                         args.allow_missing_images)
-
-
-def _run_vqa(args: argparse.Namespace) -> PrepareSummary:
-    return prepare_vqa(args.vqa_dir, args.out_dir, args.image_prefix, args.vg_qa,
-                       args.vg_prefix, args.answer_list, args.top_answers, args.image_root,
-                       args.allow_missing_images)
-

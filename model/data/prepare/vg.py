@@ -17,7 +17,6 @@ Output: ``--out`` (e.g. ``vg.json``), ``[{"image": "VG_100K/1.jpg", "caption": p
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,21 +24,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from model.data.prepare import (
-    PrepareError,
-    PrepareSummary,
-    add_common_arguments,
-    add_pretrain_output,
-    call_converter,
-    caption_transform,
+from model.data.jsonio import (
+    DataFileError,
     iter_json_array,
-    join_image_path,
-    new_subparser,
-    note_raw_captions,
-    progress,
     read_json,
     require_dir,
     write_json_list,
+)
+from model.data.prepare import (
+    ConvertOptions,
+    PrepareSummary,
+    add_pretrain_output,
+    caption_transform,
+    join_image_path,
+    note_raw_captions,
+    progress,
 )
 from model.data.prepare.coco import read_karpathy
 
@@ -48,8 +47,7 @@ logger = logging.getLogger(__name__)
 VG_FOLDERS = ("VG_100K", "VG_100K_2")
 # Number of images in Visual Genome 1.2; only used to size the progress bar.
 _VG_IMAGES = 108_077
-# One-line description in ``python -m model.data.prepare --help``.
-HELP = "Visual Genome region descriptions -> vg.json (pre-training)"
+# One-line description in ``python -m model.cli.prepare --help``.
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def _image_id(path: Path, index: int, item: dict[str, Any]) -> int:
     """
     value = item.get("image_id", item.get("id"))
     if not isinstance(value, int) or isinstance(value, bool):
-        raise PrepareError(f"{path}: entry {index} has no integer 'image_id' (or 'id')")
+        raise DataFileError(f"{path}: entry {index} has no integer 'image_id' (or 'id')")
     return value
 
 
@@ -85,15 +83,15 @@ def read_image_data(path: Path) -> dict[int, VgImage]:
     """Read ``image_data.json`` into image id → (relative path, COCO id)."""
     data = read_json(path, "VG image_data.json")
     if not isinstance(data, list):
-        raise PrepareError(f"{path}: expected a JSON list of image records")
+        raise DataFileError(f"{path}: expected a JSON list of image records")
     images: dict[int, VgImage] = {}
     for index, item in enumerate(data):
         if not isinstance(item, dict):
-            raise PrepareError(f"{path}: entry {index} should be an object")
+            raise DataFileError(f"{path}: entry {index} should be an object")
         image_id = _image_id(path, index, item)
         url = item.get("url")
         if not isinstance(url, str):
-            raise PrepareError(f"{path}: entry {index} (image {image_id}) has no string 'url'")
+            raise DataFileError(f"{path}: entry {index} (image {image_id}) has no string 'url'")
         coco_id = item.get("coco_id")
         images[image_id] = VgImage(
             relative_path_from_url(url, image_id), coco_id if isinstance(coco_id, int) else None
@@ -147,11 +145,11 @@ def _phrases(path: Path, index: int, item: Any) -> list[str]:
     """The phrases of one ``region_descriptions.json`` entry, validated."""
     regions = item.get("regions") if isinstance(item, dict) else None
     if not isinstance(regions, list):
-        raise PrepareError(f"{path}: entry {index} should be an object with a 'regions' list")
+        raise DataFileError(f"{path}: entry {index} should be an object with a 'regions' list")
     phrases = []
     for j, region in enumerate(regions):
         if not isinstance(region, dict) or not isinstance(region.get("phrase"), str):
-            raise PrepareError(f"{path}: entry {index}, regions[{j}] has no string 'phrase'")
+            raise DataFileError(f"{path}: entry {index}, regions[{j}] has no string 'phrase'")
         phrases.append(region["phrase"])
     return phrases
 
@@ -226,10 +224,7 @@ def prepare_vg(
     images_dir: Path | None = None,
     exclude_coco_karpathy: Path | None = None,
     dedupe_phrases: bool = False,
-    image_prefix: str = "",
-    clean_captions: bool = False,
-    max_words: int = 30,
-    show_progress: bool | None = None,
+    options: ConvertOptions | None = None,
 ) -> PrepareSummary:
     """Convert VG region descriptions into a pre-training caption file.
 
@@ -242,28 +237,27 @@ def prepare_vg(
         exclude_coco_karpathy: Karpathy ``dataset_coco.json``; drop VG images that are COCO
             Karpathy val/test images.
         dedupe_phrases: Drop repeated phrases within one image (off: keep VG as released).
-        image_prefix: Prefix for every written image path (e.g. ``"vg/"``).
-        clean_captions: Apply ALBEF's ``pre_caption`` now instead of at load time.
-        max_words: Word limit for ``clean_captions``.
-        show_progress: Force progress bars on/off (None: only on a terminal).
+        options: Image-path prefix, caption cleaning, progress bars (:class:`ConvertOptions`).
     """
+    options = options or ConvertOptions()
     opts = _VgOptions(
         images=read_image_data(image_data),
         images_dir=require_dir(images_dir, "VG image directory") if images_dir else None,
         excluded_coco=(
             karpathy_eval_coco_ids(exclude_coco_karpathy) if exclude_coco_karpathy else set()
         ),
-        transform=caption_transform(clean_captions, max_words),
-        prefix=image_prefix,
+        transform=caption_transform(options.clean_captions, options.max_words),
+        prefix=options.image_prefix,
         dedupe=dedupe_phrases,
     )
     tally = _VgTally()
-    entries = write_json_list(out, _stream_entries(region_descriptions, opts, tally, show_progress))
+    entries = write_json_list(
+        out, _stream_entries(region_descriptions, opts, tally, options.show_progress))
     summary = PrepareSummary("vg", stats=tally.stats)
     add_pretrain_output(summary, out, entries, tally.images, tally.captions)
     if exclude_coco_karpathy is None:
         summary.notes.append("COCO Karpathy val/test images NOT excluded (--exclude-coco-karpathy)")
-    note_raw_captions(summary, clean_captions)
+    note_raw_captions(summary, options.clean_captions)
     if tally.stats["images_without_metadata"]:
         logger.warning(
             "%d images of %s have no record in %s and were left out",
@@ -272,29 +266,3 @@ def prepare_vg(
             image_data,
         )
     return summary
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``vg`` on the ``python -m model.data.prepare`` command line."""
-    parser = new_subparser(subparsers, "vg", HELP, __doc__, run)
-    parser.add_argument("--regions", type=Path, required=True, help="region_descriptions.json")
-    parser.add_argument("--image-data", type=Path, required=True, help="image_data.json")
-    parser.add_argument("--out", type=Path, required=True, help="output JSON, e.g. vg.json")
-    parser.add_argument(
-        "--images", type=Path, help="VG image root (VG_100K/, VG_100K_2/); keeps only found images"
-    )
-    parser.add_argument(
-        "--exclude-coco-karpathy",
-        type=Path,
-        metavar="DATASET_COCO_JSON",
-        help="drop VG images that are COCO Karpathy val/test images (as ALBEF does)",
-    )
-    parser.add_argument(
-        "--dedupe-phrases", action="store_true", help="drop repeated phrases within an image"
-    )
-    add_common_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> PrepareSummary:
-    """Run the ``vg`` subcommand."""
-    return call_converter(prepare_vg, args, region_descriptions="regions", images_dir="images")
