@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from model.cli.prepare import cc3m, coco, combine, flickr, sbu, shards, tasks, vg
+from model.cli.prepare import corpora, shards, tasks
 from model.data.jsonio import DataFileError
 from model.data.prepare import PrepareSummary
 from model.data.prepare.combine import CombineResult
@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only log warnings and errors")
     subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    for module in (coco, flickr, vg, sbu, cc3m, combine, tasks, shards):
-        module.add_parser(subparsers)
+    corpora.add_parsers(subparsers)
+    tasks.add_parser(subparsers)
+    shards.add_parser(subparsers)
     return parser
 
 
