@@ -81,10 +81,13 @@ class ALBEF(nn.Module):
         attention_mask: Tensor,
         image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
         attn_layer: int | None = None,
+        cls_only: bool = False,
     ) -> FusionOutput:
         """Fusion layers over cached text states (ALBEF ``mode='fusion'``); the image side may
-        be given as its per-layer keys/values (``FusionEncoder.image_keys_values``)."""
-        return self.fusion_encoder(text_states, attention_mask, image_tokens, attn_layer)
+        be given as its per-layer keys/values (``FusionEncoder.image_keys_values``);
+        ``cls_only``: only the [CLS] row of the last layer (what ``itm_logits`` reads)."""
+        return self.fusion_encoder(text_states, attention_mask, image_tokens, attn_layer,
+                                   cls_only)
 
     def itm_logits(self, fused: Tensor) -> Tensor:
         """fused: (B, L, D) -> ITM logits (B, 2) from the fused CLS; class 1 = match."""

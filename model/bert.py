@@ -160,10 +160,15 @@ class BertLayer(nn.Module):
         image: Tensor | tuple[Tensor, Tensor] | None = None,
         need_probs: bool = False,
         cross_mask: Tensor | None = None,
+        rows: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``cross_mask``: additive mask over the cross-attended tokens. ALBEF's image tokens are
-        never padded (all-ones mask, so None); the answer decoder attends to padded questions."""
-        hidden, _ = self.attention(hidden, hidden, mask)
+        never padded (all-ones mask, so None); the answer decoder attends to padded questions.
+        ``rows``: compute only the first ``rows`` output positions (every position still serves
+        as a key and value): a layer whose other outputs nobody reads skips their queries,
+        cross-attention and feed-forward."""
+        queries = hidden if rows is None else hidden[:, :rows]
+        hidden, _ = self.attention(queries, hidden, mask)
         probs = None
         if self.crossattention is not None:
             hidden, probs = self.crossattention(hidden, image, cross_mask, need_probs)
@@ -233,20 +238,25 @@ class FusionEncoder(nn.Module):
         attention_mask: Tensor,
         image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
         attn_layer: int | None = None,
+        cls_only: bool = False,
     ) -> FusionOutput:
         """text_states: (B, L, D), attention_mask: (B, L), image_tokens: (B, 1+N, Dv), or the
         per-layer keys and values of :meth:`image_keys_values` (indexed to the B rows).
 
         ``attn_layer`` (0-based within this stack) selects the layer whose cross-attention
         probabilities are returned; that one layer runs an explicit softmax, the rest use SDPA.
+        ``cls_only``: the last layer computes only the [CLS] row (``hidden`` is (B, 1, D)), all
+        the ITM head reads: the same [CLS] output, for a fraction of the last layer's cost.
         """
         hidden = text_states
         mask = extended_mask(attention_mask, hidden.dtype)
         cross_attn = None
         per_layer = isinstance(image_tokens, (list, tuple))
+        last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
             image = image_tokens[i] if per_layer else image_tokens
-            hidden, probs = layer(hidden, mask, image, need_probs=(i == attn_layer))
+            hidden, probs = layer(hidden, mask, image, need_probs=(i == attn_layer),
+                                  rows=1 if cls_only and i == last else None)
             if probs is not None:
                 cross_attn = probs
         return FusionOutput(hidden=hidden, cross_attn=cross_attn)

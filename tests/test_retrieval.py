@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import NO_DROPOUT, tiny_objective
 
 from model.albef import ALBEF
 from model.build import build_albef
@@ -241,9 +242,9 @@ def test_deduplicated_rerank_equals_loop_and_scores_each_pair_once(
     calls: list[int] = []
     real = retrieval.itm_match_logit
 
-    def counting(net, image, text_states, text_mask):
+    def counting(net, image, text_states, text_mask, cls_only=False):
         calls.append(text_states.shape[0])  # pairs in this fusion call
-        return real(net, image, text_states, text_mask)
+        return real(net, image, text_states, text_mask, cls_only)
 
     monkeypatch.setattr(retrieval, "itm_match_logit", counting)
     i2t, t2i, stats = retrieval.rerank_itm_dedup(model, features, sim, k_test=8,
@@ -265,6 +266,26 @@ def test_deduplicated_rerank_equals_loop_and_scores_each_pair_once(
     assert stats["dedupe_share"] > 0  # on this split many pairs are top-k both ways
 
 
+def test_cls_only_fusion_gives_the_full_passes_cls_row() -> None:
+    """The last layer's other rows never reach [CLS] (no later layer mixes them), so computing
+    only its [CLS] row changes nothing the ITM head reads; padded captions and per-image keys /
+    values included."""
+    torch.manual_seed(0)
+    model = tiny_objective(*NO_DROPOUT).student.eval()
+    states = torch.randn(6, 9, model.fusion_encoder.layer[0].attention.self.query.in_features)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[4, 2:] = 0
+    image = torch.randn(6, 17, model.fusion_encoder.layer[0].crossattention.self.key.in_features)
+    kv = model.fusion_encoder.image_keys_values(image)
+    with torch.no_grad():
+        full = model.fuse(states, mask, image).hidden
+        cls = model.fuse(states, mask, kv, cls_only=True).hidden
+    assert cls.shape == (6, 1, full.shape[-1])
+    torch.testing.assert_close(cls[:, 0], full[:, 0], rtol=0, atol=1e-6)
+    assert not torch.allclose(full[:, 1], full[:, 0])  # the rows differ: the check can fail
+
+
 def test_deduplicated_rerank_on_a_hand_built_split() -> None:
     """Two images, three captions, k = 1: image 0's best caption is 1 and caption 1's best image
     is 0, so that pair is scored once for both directions."""
@@ -281,7 +302,7 @@ def test_deduplicated_rerank_on_a_hand_built_split() -> None:
         def itm_logits(self, fused):
             return fused[:, 0, :2]
 
-        def fuse(self, states, mask, image):
+        def fuse(self, states, mask, image, cls_only=False):
             keys, _ = image[0]
             out = states + keys[:, :1, :states.shape[-1]]
             return type("F", (), {"hidden": out})()

@@ -324,10 +324,12 @@ def _combine(scores: Tensor) -> Tensor:
 
 
 def itm_match_logit(model: ALBEF, image_tokens: Tensor | Sequence[tuple[Tensor, Tensor]],
-                    text_states: Tensor, text_mask: Tensor) -> Tensor:
+                    text_states: Tensor, text_mask: Tensor, cls_only: bool = False) -> Tensor:
     """(P, 1+N, Dv) (or per-layer image keys/values, ``image_keys_values``), (P, L, D),
-    (P, L) -> (P,) raw ITM class-1 logit (docs/ALBEF.md C18)."""
-    return model.itm_logits(model.fuse(text_states, text_mask, image_tokens).hidden)[:, 1]
+    (P, L) -> (P,) raw ITM class-1 logit (docs/ALBEF.md C18). ``cls_only``: the last fusion
+    layer computes only the [CLS] row the ITM head reads."""
+    fused = model.fuse(text_states, text_mask, image_tokens, cls_only=cls_only).hidden
+    return model.itm_logits(fused)[:, 1]
 
 
 def _text_width(mask: Tensor, trim: bool) -> int:
@@ -419,10 +421,10 @@ def rerank_itm_dedup(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_t
     A pair in both an image's top-k captions and that caption's top-k images is one fusion
     pass, not two (ALBEF scores it twice). The unique pairs are sorted by caption length, so
     each fusion call pads its captions to a nearly equal width once, and every image's
-    cross-attention keys and values are projected once per layer instead of once per pair.
-    Same scores as ``rerank_itm_loop`` up to float summation order (tests). Also returns the
-    pair counts: ``pairs`` (both directions), ``unique_pairs`` and ``dedupe_share`` = 1 -
-    unique / pairs.
+    cross-attention keys and values are projected once per layer instead of once per pair;
+    the last fusion layer computes only the [CLS] row the ITM head reads. Same scores as
+    ``rerank_itm_loop`` up to float summation order (tests). Also returns the pair counts:
+    ``pairs`` (both directions), ``unique_pairs`` and ``dedupe_share`` = 1 - unique / pairs.
     """
     if k_test < 1 or batch_size < 1:
         raise ValueError(f"k_test and batch_size must be >= 1, got {k_test} and {batch_size}")
@@ -442,7 +444,8 @@ def rerank_itm_dedup(model: ALBEF, features: RetrievalFeatures, sim: Tensor, k_t
             ii, ti = img_u[idx], txt_u[idx]
             w = _text_width(f.text_mask[ti], True)
             logits_u[idx] = itm_match_logit(model, [(k[ii], v[ii]) for k, v in kv],
-                                            f.text_states[ti, :w], f.text_mask[ti, :w])
+                                            f.text_states[ti, :w], f.text_mask[ti, :w],
+                                            cls_only=True)
     logits = logits_u[inverse]
     scores_i2t, _ = _empty_scores(n_img, n_txt, sim.device)
     scores_i2t[img_a, txt_a] = logits[:len(img_a)]
