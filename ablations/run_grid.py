@@ -121,14 +121,13 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
 def check_shards(index: str) -> list[str]:
     """The shard index parses and every local shard it lists exists (remote ones are opened
     by the job)."""
-    from model.data.shards import ShardError, read_shard_index
+    from model.data.shards import ShardError, is_local, read_shard_index
 
     try:
         shards = read_shard_index(index)
     except ShardError as err:
         return [str(err)]
-    missing = [u for u in shards.urls
-               if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    missing = [u for u in shards.urls if is_local(u) and not Path(u).is_file()]
     return [f"shard index {index}: {len(missing)} of {len(shards.urls)} shards not found, "
             f"e.g. {missing[0]}"] if missing else []
 

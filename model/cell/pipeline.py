@@ -32,6 +32,7 @@ from model.engine.run_io import (
     RESULT,
     append_jsonl,
     late_training_means,
+    read_json,
     train_rows,
     write_json_atomic,
 )
@@ -49,12 +50,9 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
 
     ``protocols``: the protocols file that names ``cfg.downstream``'s stages (the grid's
     ablations/protocols.yaml); required when the config lists downstream protocols.
-
     """
     run_dir = Path(run_dir)
     if (run_dir / DONE).exists():
-        from model.engine.run_io import read_json
-
         return read_json(run_dir / RESULT)
     run_dir.mkdir(parents=True, exist_ok=True)
     # One trainer per run: a second job on this directory stops here (RunLocked names the

@@ -93,8 +93,13 @@ class ShardIndex:
         return [[u, n] for u, n in zip(self.listed or self.urls, self.counts)]
 
 
+def is_local(url: str) -> bool:
+    """A shard URL that names a file (not ``scheme://...`` nor a ``pipe:`` command)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def _resolve_url(url: str, base: Path) -> str:
-    if "://" in url or url.startswith("pipe:") or Path(url).is_absolute():
+    if not is_local(url) or Path(url).is_absolute():
         return url
     return str(base / url)
 
@@ -292,6 +297,7 @@ class ShardStream(IterableDataset):
             order = torch.randperm(len(urls), generator=_generator(self.seed, epoch)).tolist()
             return _cut([urls[i] for i in order], [counts[i] for i in order],
                         slot * length, length)
+        # Trailing tag 1: the draws' generator, apart from the epoch permutation (seed, epoch).
         g = _generator(self.seed, epoch, slot, 1)
         drawn, total = [], 0
         while total < length:
@@ -320,8 +326,11 @@ class ShardStream(IterableDataset):
             out.append({"stream": p, "shard": url, "offset": offset, "samples_done": done})
         return out
 
-    def _blocks(self, stream: int, done: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(stream position, raw sample) from position ``done`` on, block-shuffled."""
+    def _blocks(self, stream: int, done: int
+                ) -> Iterator[tuple[int, Image.Image, str | list[str]]]:
+        """(stream position, decoded image, caption field) from position ``done`` on, in
+        block-shuffled order; the position is the asked-for sample's (it seeds the draws) even
+        when a corrupt sample was replaced."""
         pieces, length = self.stream_pieces(self.epoch, stream), self.stream_length()
         first = done // self.block * self.block
         raw = read_pieces(pieces, skip=first)
@@ -331,16 +340,15 @@ class ShardStream(IterableDataset):
             order = torch.randperm(len(block), generator=g).tolist()
             skip = done - start if start <= done else 0
             for k in range(skip, len(block)):
-                yield start + order[k], self._good(block, order, k)
+                yield start + order[k], *self._good(block, order, k)
 
     def _good(self, block: list[dict[str, Any]], order: list[int], k: int
-              ) -> tuple[Image.Image, str | list[str], int]:
+              ) -> tuple[Image.Image, str | list[str]]:
         """Decoded sample ``order[k]`` of the block, or the next good one (wrapping)."""
         for step in range(len(block)):
             sample = block[order[(k + step) % len(block)]]
             try:
-                image, caption = decode_sample(sample)
-                return image, caption, order[(k + step) % len(block)]
+                return decode_sample(sample)
             except CorruptSample as err:
                 self._note_bad(sample, err)
         raise ShardError(f"every sample of a block of {len(block)} is corrupt (shard "
@@ -371,14 +379,13 @@ class ShardStream(IterableDataset):
             raise ShardError(f"data.num_workers={workers} must divide "
                              f"data.shards.streams_per_rank={self.streams}")
         done = self.consumed(self.start_batch)
-        readers: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
+        readers: dict[int, Iterator[tuple[int, Image.Image, str | list[str]]]] = {}
         for k in range(self.start_batch + worker, self.batches_per_epoch, workers):
             p = k % self.streams
             if p not in readers:
                 readers[p] = self._blocks(p, done[p])
             for _ in range(self.batch_size):
-                position, (image, caption, _) = next(readers[p])
-                yield self._item(p, position, image, caption)
+                yield self._item(p, *next(readers[p]))
 
 
 def write_shards(ann_files: Sequence[str | Path], image_root: str | Path, out_dir: str | Path,
@@ -425,11 +432,10 @@ def index_shards(urls: Sequence[str], out: str | Path) -> Path:
     for url in urls:
         stats = Path(url).with_name(Path(url).stem + "_stats.json")
         n = None
-        if "://" not in url and not url.startswith("pipe:") and stats.is_file():
+        if is_local(url) and stats.is_file():
             n = json.loads(stats.read_text(encoding="utf-8")).get("successes")
         counts.append(n if isinstance(n, int) and n > 0 else count_samples(url))
-        local = Path(url)
-        stored.append(str(local.relative_to(out.parent)) if "://" not in url and
-                      local.is_absolute() is out.parent.is_absolute() and
-                      local.is_relative_to(out.parent) else url)
+        local = Path(url).resolve() if is_local(url) else None
+        inside = local is not None and local.is_relative_to(out.parent.resolve())
+        stored.append(str(local.relative_to(out.parent.resolve())) if inside else url)
     return write_shard_index(out, stored, counts)

@@ -130,12 +130,14 @@ class TrainData:
             return self.dataset.index.fingerprint()
         return None
 
-    def position(self, epoch: int, start_batch: int) -> dict[str, Any]:
-        """Where the data continues, for the checkpoint (shards: shard + offset per stream)."""
+    def position(self, epoch: int, start_batch: int) -> dict[str, Any] | None:
+        """Where the shard streams continue, for the checkpoint (the shard list, and shard +
+        offset per stream); None on the JSON path, whose position is the state's epoch and
+        batch alone."""
         if isinstance(self.dataset, ShardStream):
             return {"format": "shards", "shards": self.shard_list(),
                     "streams": self.dataset.position(epoch, start_batch)}
-        return {"format": "json", "epoch": epoch, "batch": start_batch}
+        return None
 
 
 def _loader(cfg: ExperimentConfig, dataset: Any, tokenizer: TextTokenizer, dist_info: DistInfo,
