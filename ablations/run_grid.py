@@ -16,7 +16,6 @@ data paths are validated before anything is submitted (``--dry-run`` stops there
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -26,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ablations.grid import MATRIX_FILE, expand, plan_table
+from ablations.grid import MATRIX_FILE, expand, grid_plan, launch_table, plan_table, show_configs
 from model.config.loader import ConfigError
-from model.engine.run_io import FAILED, run_status
+from model.engine.run_io import FAILED, read_run
 from slurm.spec import RunSpec
 
 log = logging.getLogger("run_grid")
@@ -79,6 +78,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="submit runs even when a job for them still looks alive (queued or "
                    "running) - a run directory still never gets two trainers at once")
+    p.add_argument("--replace", action="store_true",
+                   help="merge the results into the grid's raw summary even when its rows "
+                   "were trained under another grid recipe (default: a recipe of its own "
+                   "goes to results/raw/<grid>--<what differs>.jsonl and its own tables)")
+    p.add_argument("--show-config", metavar="CELL",
+                   help="print CELL's resolved config (with --set applied) and exit")
+    p.add_argument("--diff-config", nargs=2, metavar=("CELL_A", "CELL_B"),
+                   help="print the keys whose values differ between two cells and exit")
     p.add_argument("--preflight-dist", action="store_true",
                    help="run a short job per resource tier that checks the distributed layout "
                    "(ranks, devices, rendezvous, collectives); exit 1 if any check fails")
@@ -180,7 +187,12 @@ def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) ->
     def on_done(sub, exc):
         nonlocal failures
         bar.update(1)
-        if exc is not None or run_status(sub.spec.run_dir) != "done":
+        verdict = read_run(sub.spec.run_dir)
+        if verdict.status == "diverged":
+            # The guard's one line (step, term, lr, checkpoint), not a traceback tail.
+            failures += 1
+            tqdm.write(f"DIVERGED {sub.spec.run_id}: {verdict.detail}")
+        elif exc is not None or verdict.status != "done":
             failures += 1
             run_dir = sub.spec.run_dir
             # The FAILED marker's tail and the job log's: the same view as ``--status``.
@@ -268,15 +280,18 @@ def _preflight_dist(specs: list[RunSpec], cluster: str) -> int:
 
 
 def regenerate_results(args: argparse.Namespace, specs: list[RunSpec]) -> int:
-    """Tables of the planned seeds only: runs of other seeds in the same runs root (e.g. an
-    earlier ``--seeds 3``) do not leak into a one-seed table, and vice versa."""
-    from results.__main__ import main as results_main
+    """Tables of the planned seeds and recipe: runs of other seeds in the same runs root (e.g.
+    an earlier ``--seeds 3``) do not leak into a one-seed table, and vice versa; runs of
+    another grid recipe are never compared with this one's (results/raw_files.py)."""
+    from results.__main__ import parse_args as results_args
+    from results.__main__ import run as results_run
 
     out = args.results_out
     seeds = [str(s) for s in sorted({spec.seed for spec in specs})]
-    return results_main(["--runs", str(args.runs_root), "--grid", specs[0].grid, "--out",
-                         str(out / "generated"), "--raw-dir", str(out / "raw"),
-                         "--preset", args.preset, "--seeds", *seeds])
+    argv = ["--runs", str(args.runs_root), "--grid", specs[0].grid, "--out",
+            str(out / "generated"), "--raw-dir", str(out / "raw"), "--preset", args.preset,
+            "--seeds", *seeds] + (["--replace"] if args.replace else [])
+    return results_run(results_args(argv), plan=grid_plan(specs))
 
 
 def plan(args: argparse.Namespace) -> tuple[list[RunSpec], list[str]]:
@@ -284,13 +299,12 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], list[str]]:
     (data, weights, tokenizer, tiers, the SLURM client)."""
     seeds = range(args.seeds) if args.seeds is not None else (range(1) if args.preset == "tiny"
                                                              else None)
-    tier = args.tier or ("cpu" if args.preset == "tiny" else None)
-    specs = expand(args.matrix, args.preset, seeds, args.only, list(args.sets), args.runs_root)
-    if tier:
-        specs = [dataclasses.replace(s, tier=tier) for s in specs]
+    specs = expand(args.matrix, args.preset, seeds, args.only, list(args.sets), args.runs_root,
+                   tier=args.tier)
     skip_data = args.collect_only or args.status or args.preflight_dist
     errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
-    errors += check_tiers(specs, args.tier) if args.cluster == "slurm" or args.tier else []
+    # Every tier of the plan must load: its world size is part of the runs' identity.
+    errors += check_tiers(specs, args.tier)
     if args.cluster == "slurm" and not (args.collect_only or args.status):
         errors += check_slurm()
     return specs, errors
@@ -324,15 +338,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: checks failed, nothing was submitted:\n" + "\n".join(errors),
               file=sys.stderr)
         return 2
+    if args.show_config or args.diff_config:
+        return show_configs(specs, args.show_config, args.diff_config)
     if args.status:
         return _print_status(specs)
     if args.preflight_dist:
         return _preflight_dist(specs, args.cluster)
     print(plan_table(specs).drop(columns=["run_dir"]).to_markdown(index=False))
+    print("\n" + launch_table(specs).to_markdown(index=False))
     if args.dry_run:
         print(f"\ndry run: {len(specs)} runs validated, nothing submitted")
         return 0
-    todo = [s for s in specs if run_status(s.run_dir) != "done"]
+    todo = [s for s in specs if not read_run(s.run_dir).finished]
     if todo and not args.collect_only and not args.force:
         alive = alive_runs(todo)
         for run_id, why in alive.items():

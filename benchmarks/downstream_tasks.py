@@ -54,10 +54,11 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
     from model.downstream.data import resolve_task_files
     from model.engine.protocol import load_protocols, stage_config
     from model.engine.resume import checkpoint_path
+    from model.engine.run_io import read_run
 
     torch.set_num_threads(int(os.environ.get("SOFTMASK_THREADS", "1")))
     (spec,) = expand(matrix, only=[cell], seeds=[seed])
-    if not (spec.run_dir / "DONE").is_file():
+    if not read_run(spec.run_dir).finished:
         raise FileNotFoundError(f"{spec.run_dir}: cell {cell} seed {seed} has no finished "
                                 "pre-training run; run `python ablations/run_grid.py` first")
     registry = load_protocols(spec.protocols_file)

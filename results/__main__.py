@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from results.collect import (
+    CURVE_COLUMNS,
     RawFileError,
     collect_runs,
     deduplicate,
+    fill_steps,
     frame_to_records,
     load_curves,
     merge_with_raw,
@@ -31,6 +34,8 @@ from results.collect import (
     write_raw,
 )
 from results.plots import plot_curves, plot_table
+from results.raw_files import raw_destination
+from results.recipes import UNKNOWN, Plan, adopt_plan, recipes_in
 from results.tables import (
     PAPER_PATH,
     SPECS_PATH,
@@ -80,6 +85,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="drop malformed raw lines (counted in the captions) instead of failing",
     )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="--runs: merge the collected runs into <grid>.jsonl even when its rows are of "
+        "another grid recipe (they are then replaced cell by cell); by default another recipe "
+        "goes to its own raw file and table folder",
+    )
+    parser.add_argument(
+        "--fingerprint",
+        help="--raw: build the tables for this grid recipe (default: the reference cell's)",
+    )
     parser.add_argument("--preset", help="keep only runs of this preset (tiny/base)")
     parser.add_argument(
         "--seeds",
@@ -98,24 +114,80 @@ def spec_cells(specs: Specs) -> list[str]:
     return list(dict.fromkeys(c for spec in specs.tables.values() for c in spec.cells))
 
 
-def from_runs(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Collect run dirs (and write the raw summary unless --no-raw)."""
-    frame = collect_runs(args.runs, args.grid, cells=cells, seeds=args.seeds, preset=args.preset)
-    curves = load_curves(args.runs, args.grid, runs=frame)
-    if not args.no_raw:
-        grids = sorted(frame.loc[frame["status"] != "missing", "grid"].dropna().unique())
-        name = args.grid or (grids[0] if len(grids) == 1 else "all")
-        path = args.raw_dir / f"{name}.jsonl"
+@dataclass
+class Output:
+    """One set of tables: the runs of one grid recipe, where their raw summary and tables go."""
+
+    frame: pd.DataFrame  # this recipe's runs, plus other recipes' runs (listed as excluded)
+    curves: pd.DataFrame
+    fingerprint: str | None
+    out: Path
+    raw: Path | None = None
+
+
+def _fingerprints(frame: pd.DataFrame, first: str | None) -> list[str]:
+    """The recipes of the runs in ``frame`` (``first`` leading)."""
+    found = frame.loc[frame["status"] != "missing", "fingerprint"].fillna(UNKNOWN)
+    return list(dict.fromkeys([*([first] if first is not None else []), *found]))
+
+
+def _collected(args: argparse.Namespace, cells: list[str], plan: Plan | None
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run directories of the grid (with the plan's recipe on its runs); empty frames when a
+    planned grid has none yet (its raw summary alone is then regenerated)."""
+    try:
+        frame = collect_runs(args.runs, args.grid, cells=cells, seeds=args.seeds,
+                             preset=args.preset)
+    except ValueError:
+        if plan is None:
+            raise
+        logger.info("no run directories of %s under %s: regenerating from the raw summary",
+                    args.grid, args.runs)
+        return records_to_frame([]), pd.DataFrame(columns=CURVE_COLUMNS)
+    frame = adopt_plan(frame, plan)
+    return frame, load_curves(args.runs, args.grid, runs=frame)
+
+
+def from_runs(args: argparse.Namespace, cells: list[str], reference: str,
+              plan: Plan | None = None) -> list[Output]:
+    """Collect run dirs and merge each grid recipe into its own raw summary (unless
+    --no-raw): the grid's file when it holds that recipe (or --replace), else a file and a
+    table folder named after the settings that differ (results/raw_files.py)."""
+    frame, curves = _collected(args, cells, plan)
+    if frame.empty and not (args.raw_dir / f"{args.grid}.jsonl").is_file():
+        raise ValueError(f"no run directories of grid {args.grid} under {args.runs} and no raw "
+                         f"summary {args.raw_dir / f'{args.grid}.jsonl'}: nothing to collect")
+    first = plan.fingerprint if plan is not None else None
+    if args.no_raw:
+        return [Output(frame, curves, first, args.out)]
+    grids = sorted(frame.loc[frame["status"] != "missing", "grid"].dropna().unique())
+    name = args.grid or (grids[0] if len(grids) == 1 else "all")
+    outputs = []
+    for fp in _fingerprints(frame, first) or [first]:
+        mine = frame[(frame["status"] == "missing") | (frame["fingerprint"].fillna(UNKNOWN) == fp)]
+        dest = raw_destination(args.raw_dir, name, fp, recipes_in(mine).get(fp or "", {}),
+                               reference, replace=args.replace or args.no_merge, plan=plan,
+                               skip_bad=args.skip_bad)
+        own = curves[curves["run_id"].isin(set(mine["run_id"].dropna()))]
+        merged, merged_curves = mine, own
         if not args.no_merge:  # a partial grid updates its own rows, keeps every other row
-            frame, curves = merge_with_raw(frame, curves, path, args.skip_bad)
-        write_raw(frame, path, curves)
-        skipped = frame.attrs.get("skipped_lines", 0)
-        frame = select_runs(frame, preset=args.preset, cells=cells, seeds=args.seeds)
-        frame.attrs["skipped_lines"] = skipped
-    return frame, curves
+            merged, merged_curves = merge_with_raw(mine, own, dest.path, args.skip_bad)
+            merged = adopt_plan(merged, plan)
+        write_raw(merged, dest.path, merged_curves)
+        dest.announce(fp)
+        skipped = merged.attrs.get("skipped_lines", 0)
+        others = frame[(frame["status"] != "missing")
+                       & (frame["fingerprint"].fillna(UNKNOWN) != fp)]
+        table = select_runs(pd.concat([merged, others], ignore_index=True),
+                            preset=args.preset, cells=cells, seeds=args.seeds)
+        table = fill_steps(table, pd.concat([merged_curves, curves], ignore_index=True))
+        table.attrs["skipped_lines"] = skipped
+        out = args.out if dest.variant is None else args.out / dest.variant
+        outputs.append(Output(table, merged_curves, fp, out, dest.path))
+    return outputs
 
 
-def from_raw(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def from_raw(args: argparse.Namespace, cells: list[str]) -> list[Output]:
     """Rebuild frame and curves from raw summaries (a cell/seed in two files: newest wins)."""
     files = [read_raw_file(path, args.skip_bad) for path in args.raw]
     records = [r for runs, _ in files for r in frame_to_records(runs)]
@@ -123,27 +195,27 @@ def from_raw(args: argparse.Namespace, cells: list[str]) -> tuple[pd.DataFrame, 
     frame = select_runs(frame, preset=args.preset, cells=cells, seeds=args.seeds)
     frame.attrs["skipped_lines"] = sum(runs.attrs.get("skipped_lines", 0) for runs, _ in files)
     curves = pd.concat([c for _, c in files], ignore_index=True)
+    frame = fill_steps(frame, curves)
     live = set(frame.loc[frame["status"].isin(["done", "running"]), "run_id"].dropna())
-    return frame, curves[curves["run_id"].isin(live)]
+    return [Output(frame, curves[curves["run_id"].isin(live)], args.fingerprint, args.out)]
 
 
-def regenerate(
-    frame: pd.DataFrame,
-    curves: pd.DataFrame,
-    out: Path,
-    specs: Specs,
-    paper_path: Path,
-    cells: list[str],
-) -> list[Path]:
-    """Write every table (md/tex/csv/png), the curves figure and summary.md into ``out``."""
+def regenerate(output: Output, specs: Specs, paper_path: Path, cells: list[str]) -> list[Path]:
+    """Write every table (md/tex/csv/png), the curves figure and summary.md into the
+    output's folder, for its grid recipe."""
     paper = load_paper(paper_path)
+    frame, out = output.frame, output.out
     skipped = frame.attrs.get("skipped_lines", 0)
     note = f"{skipped} malformed raw line(s) were skipped (--skip-bad)." if skipped else ""
-    results = build_tables(frame, specs, paper, note=note)
+    results = build_tables(frame, specs, paper, note=note, fingerprint=output.fingerprint)
     written: list[Path] = []
     for name, result in results.items():
         written += write_table(result, out)
         written.append(plot_table(result, out / f"{name}.png", paper))
+    shown = set(frame.loc[frame["fingerprint"].fillna(UNKNOWN) == (output.fingerprint or ""),
+                          "run_id"].dropna()) if output.fingerprint is not None else None
+    curves = output.curves if shown is None else \
+        output.curves[output.curves["run_id"].isin(shown)]
     curve_path = plot_curves(curves, out / "curves.png", cells=cells)
     if curve_path is not None:
         written.append(curve_path)
@@ -151,18 +223,15 @@ def regenerate(
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status."""
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def run(args: argparse.Namespace, plan: Plan | None = None) -> int:
+    """Regenerate as ``args`` say; ``plan``: the grid invocation's recipe and runs
+    (ablations/run_grid.py). Returns the process exit status."""
     try:
         specs = load_specs(args.specs)
         cells = spec_cells(specs)
-        frame, curves = from_runs(args, cells) if args.runs else from_raw(args, cells)
-        written = regenerate(frame, curves, args.out, specs, args.paper, cells)
+        outputs = (from_runs(args, cells, specs.reference, plan) if args.runs
+                   else from_raw(args, cells))
+        written = [p for o in outputs for p in regenerate(o, specs, args.paper, cells)]
     except RawFileError as err:
         for problem in err.problems:
             logger.error("%s", problem)
@@ -173,6 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logger.info("wrote %d file(s) to %s", len(written), args.out)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run(args)
 
 
 if __name__ == "__main__":

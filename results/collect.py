@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.engine.run_io import CONFIG, METRICS, STATUSES, read_run
+
 logger = logging.getLogger(__name__)
 
-STATUSES = ("done", "diverged", "failed", "running", "missing")
 # Per-run columns of the tidy frame (each repeated on every metric row of the run).
 RUN_COLUMNS = (
-    "grid cell seed run_id config_hash recipe_hash preset status created split n_images n_texts "
-    "note".split()
+    "grid cell seed run_id config_hash recipe_hash fingerprint recipe preset status created split "
+    "n_images n_texts steps note".split()
 )
 COLUMNS = [*RUN_COLUMNS, "metric", "value"]
 CURVE_COLUMNS = ["grid", "cell", "seed", "run_id", "step", "epoch", "metric", "value"]
@@ -42,22 +43,12 @@ CURVE_KEYS = LOSS_KEYS + ITM_KEYS
 _RUN_DIR = re.compile(r"^(?P<cell>.+)__s(?P<seed>\d+)__(?P<hash>[^_]+)$")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """Return the parsed JSON object in ``path``, or None (with a warning) if unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        logger.warning("cannot read %s: %s", path, err)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _recipe_hash(run_dir: Path, meta: dict[str, Any]) -> str:
     """The seed-independent config hash: from meta.json, else recomputed from config.yaml
     (runs written before meta.json recorded it); "" when neither is readable."""
     if meta.get("recipe_hash"):
         return str(meta["recipe_hash"])
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     if not config.exists():
         return ""
     from model.config.experiment import load_experiment, recipe_hash
@@ -68,27 +59,6 @@ def _recipe_hash(run_dir: Path, meta: dict[str, Any]) -> str:
     except (ConfigError, OSError, ValueError) as exc:
         logger.warning("cannot read %s: %s", config, exc)
         return ""
-
-
-def _run_status(run_dir: Path, result: dict[str, Any] | None) -> tuple[str, str]:
-    """Classify a run directory as done/failed/running and give a short note.
-
-    FAILED wins over DONE: a failed run must never be counted, even if a stale marker or a
-    partial result.json exists.
-    """
-    if (run_dir / "FAILED").exists():
-        text = (run_dir / "FAILED").read_text(errors="replace").strip()
-        return "failed", (text.splitlines()[0][:200] if text else "FAILED marker")
-    if (run_dir / "DONE").exists():
-        if result is not None and result.get("status") == "diverged":
-            # Finished, but its loss blew up: its numbers never reach a table.
-            reason = (result.get("diverged") or {}).get("reason", "finite blow-up")
-            return "diverged", str(reason)[:200]
-        if result is None or result.get("status") != "done":
-            # A DONE marker without a usable result cannot feed a table; surface it as failed.
-            return "failed", "DONE marker but no usable result.json"
-        return "done", ""
-    return "running", ""
 
 
 def _created(meta: dict[str, Any], run_dir: Path) -> pd.Timestamp:
@@ -114,17 +84,28 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def recipe_json(settings: Any) -> str:
+    """A recipe's settings as canonical JSON text (a hashable frame value); "" when unknown."""
+    return json.dumps(settings, sort_keys=True) if isinstance(settings, dict) and settings \
+        else ""
+
+
+def recipe_settings_of(text: Any) -> dict[str, Any]:
+    """Inverse of :func:`recipe_json`."""
+    return json.loads(text) if isinstance(text, str) and text else {}
+
+
 def _read_run(run_dir: Path, grid: str) -> dict[str, Any] | None:
     """Summarise one run directory as a record with a ``metrics`` dict; None if unusable."""
     match = _RUN_DIR.match(run_dir.name)
-    meta = _read_json(run_dir / "meta.json") if (run_dir / "meta.json").exists() else None
-    if meta is None and match is None:
+    verdict = read_run(run_dir)
+    if not verdict.meta and match is None:
         logger.warning("skipping %s: no meta.json and name is not <cell>__s<seed>__<hash>", run_dir)
         return None
-    meta = meta or {}
-    result_path = run_dir / "result.json"
-    result = _read_json(result_path) if result_path.exists() else None
-    status, note = _run_status(run_dir, result)
+    meta, result = verdict.meta, verdict.result
+    # Only a finished run contributes numbers; a failed or diverged run's are dropped.
+    status, note = verdict.status, ("" if verdict.status in ("done", "running")
+                                    else verdict.detail[:200])
     provenance = (result or {}).get("provenance", {}) if status == "done" else {}
     return {
         "grid": grid,  # the directory name, so the run can be found again on disk
@@ -133,12 +114,16 @@ def _read_run(run_dir: Path, grid: str) -> dict[str, Any] | None:
         "run_id": run_dir.name,
         "config_hash": str(meta.get("config_hash", match["hash"] if match else "")),
         "recipe_hash": _recipe_hash(run_dir, meta),
+        # The grid's recipe (model/config/recipe.py); "" for runs made before it was recorded.
+        "fingerprint": str(meta.get("fingerprint") or ""),
+        "recipe": recipe_json(meta.get("recipe")),
         "preset": meta.get("preset"),
         "status": status,
         "created": _created(meta, run_dir),
         "split": provenance.get("split"),
         "n_images": provenance.get("n_images"),
         "n_texts": provenance.get("n_texts"),
+        "steps": (result or {}).get("train_steps") if status == "done" else None,
         "note": note,
         # Only a finished run contributes numbers; a failed run's partial metrics are dropped.
         "metrics": _numeric((result or {}).get("metrics", {})) if status == "done" else {},
@@ -172,17 +157,19 @@ def scan_runs(runs_dir: Path, grid: str | None = None) -> list[dict[str, Any]]:
 
 
 def deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the newest run per (cell, seed) and warn about the ones dropped.
+    """Keep the newest run per (recipe fingerprint, cell, seed) and warn about the ones dropped.
 
-    Two run dirs for one cell/seed mean the cell's config changed (new hash) and was rerun;
-    the older numbers belong to a config that no longer exists.
+    Two run dirs for one cell/seed of one recipe mean the cell's config changed (new hash) and
+    was rerun; the older numbers belong to a config that no longer exists. Runs of another
+    grid recipe are all kept: the tables show one recipe and list the others as excluded.
     """
-    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    by_key: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for record in records:
         if record["status"] != "missing":  # placeholders are re-derived by complete_grid
-            by_key.setdefault((record["cell"], record["seed"]), []).append(record)
+            key = (str(record.get("fingerprint") or ""), record["cell"], record["seed"])
+            by_key.setdefault(key, []).append(record)
     kept = []
-    for (cell, seed), group in sorted(by_key.items()):
+    for (_, cell, seed), group in sorted(by_key.items()):
         group.sort(
             key=lambda r: (pd.Timestamp.min if pd.isna(r["created"]) else r["created"], r["run_id"])
         )
@@ -204,10 +191,12 @@ def deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
-def _missing_record(grid: str, cell: str, seed: int) -> dict[str, Any]:
-    """Placeholder record for an expected cell/seed without any run directory."""
+def placeholder_record(grid: str | None, cell: str, seed: int, status: str = "missing",
+                       note: str = "") -> dict[str, Any]:
+    """Record for an expected cell/seed without a run of its own (``missing``; the tables use
+    ``excluded`` for one whose runs are of another grid recipe)."""
     record = dict.fromkeys(RUN_COLUMNS)
-    record.update(grid=grid, cell=cell, seed=seed, status="missing", created=pd.NaT, note="")
+    record.update(grid=grid, cell=cell, seed=seed, status=status, created=pd.NaT, note=note)
     return {**record, "metrics": {}}
 
 
@@ -232,7 +221,7 @@ def complete_grid(
     kept = [r for r in kept if r["status"] != "missing" or (r["cell"], r["seed"]) not in present]
     have = {(r["cell"], r["seed"]) for r in kept}
     extra = [
-        _missing_record(grid, c, s) for c in all_cells for s in all_seeds if (c, s) not in have
+        placeholder_record(grid, c, s) for c in all_cells for s in all_seeds if (c, s) not in have
     ]
     return kept + extra
 
@@ -254,7 +243,7 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["seed"] = frame["seed"].astype(int)
     frame["created"] = pd.to_datetime(frame["created"])
-    for column in ("n_images", "n_texts"):  # counts stay integers despite missing values
+    for column in ("n_images", "n_texts", "steps"):  # integers despite missing values
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     return frame.sort_values(
         ["cell", "seed", "metric"], na_position="first", kind="stable"
@@ -264,7 +253,8 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def frame_to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Inverse of :func:`records_to_frame`: one record per run with a ``metrics`` dict."""
     records = []
-    for _, group in frame.groupby(["cell", "seed"], sort=True, dropna=False):
+    # One record per run: a cell/seed may have runs of several recipes (fingerprints).
+    for _, group in frame.groupby(["cell", "seed", "run_id"], sort=True, dropna=False):
         first = group.iloc[0]
         record = {k: (None if _isna(first[k]) else first[k]) for k in RUN_COLUMNS}
         record["seed"] = int(record["seed"])
@@ -379,7 +369,7 @@ def load_curves(
         records = scan_runs(Path(runs_dir), grid)
     rows: list[dict[str, Any]] = []
     for record in records:
-        path = Path(runs_dir) / record["grid"] / record["run_id"] / "metrics.jsonl"
+        path = Path(runs_dir) / record["grid"] / record["run_id"] / METRICS
         if path.exists():
             rows.extend(_curve_rows(record, _read_jsonl(path), keys, kind))
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
@@ -424,6 +414,7 @@ def write_raw(
     lines = []
     for record in frame_to_records(frame):
         line = {"record": "run", **{k: _json_value(record[k]) for k in RUN_COLUMNS}}
+        line["recipe"] = recipe_settings_of(line["recipe"])
         lines.append({**line, "metrics": record["metrics"]})
     if curves is not None and not curves.empty:
         small = subsample_curves(curves, max_points)
@@ -468,6 +459,10 @@ def _run_line_problem(line: dict[str, Any]) -> str | None:
         return "'run_id' missing or not a str"
     if not isinstance(line.get("seed"), int) or isinstance(line.get("seed"), bool):
         return "'seed' missing or not an integer"
+    if not isinstance(line.get("fingerprint", ""), str | None):
+        return "'fingerprint' is not a string"
+    if not isinstance(line.get("recipe", {}), dict | None):
+        return "'recipe' is not an object"
     if line["status"] not in STATUSES:
         return f"status {line['status']!r} is not one of {list(STATUSES)}"
     metrics = line.get("metrics")
@@ -555,6 +550,8 @@ def _runs_frame(path: Path, lines: list[dict[str, Any]], skipped: int) -> pd.Dat
     records = []
     for line in lines:
         record = {k: line.get(k) for k in RUN_COLUMNS}
+        record["fingerprint"] = str(line.get("fingerprint") or "")
+        record["recipe"] = recipe_json(line.get("recipe"))
         record["created"] = pd.Timestamp(line["created"]) if line.get("created") else pd.NaT
         record["metrics"] = line.get("metrics") or {}
         records.append(record)
@@ -585,6 +582,18 @@ def read_raw_file(path: Path, skip_bad: bool = False) -> tuple[pd.DataFrame, pd.
     reading and validating the file once."""
     runs, curves, skipped = read_raw_lines(path, skip_bad)
     return _runs_frame(Path(path), runs, skipped), _curves_frame(curves)
+
+
+def fill_steps(frame: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each finished run's missing ``steps`` (runs recorded before result
+    summaries kept them) taken from its last logged training step."""
+    gaps = (frame["status"] == "done") & frame["steps"].isna()
+    if not gaps.any() or curves.empty:
+        return frame
+    last = curves.groupby("run_id")["step"].max()
+    frame = frame.copy()
+    frame.loc[gaps, "steps"] = frame.loc[gaps, "run_id"].map(last).astype("Int64")
+    return frame
 
 
 def read_raw(path: Path, skip_bad: bool = False) -> pd.DataFrame:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from results.collect import select_runs
+from results.collect import placeholder_record, records_to_frame, select_runs
+from results.power import ALPHA, POWER, mde, pooled_sd, seeds_needed
+from results.recipes import (
+    Excluded,
+    choose_fingerprint,
+    describe_recipe,
+    recipes_in,
+    split_by_recipe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +100,10 @@ class Specs:
 
     tables: dict[str, TableSpec]
     datasets: dict[str, str]
+    # The grid's reference cell: its recipe is the tables' default, and the automatic
+    # "other cells" table (cells no spec names) shows Δ against it.
+    reference: str = "albef"
+    default_metrics: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,15 @@ class PaperNumbers:
 
 @dataclass(frozen=True)
 class TableContext:
-    """What our numbers in a table are: preset, dataset description, requested seeds."""
+    """What our numbers in a table are: preset, dataset description, requested seeds, and the
+    grid recipe they all share (with the runs of other recipes left out)."""
 
     preset: str | None
     dataset: str
     seeds: tuple[int, ...]
     eval_note: str
+    recipe: str = ""
+    excluded: tuple[Excluded, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,7 +165,10 @@ def load_specs(path: Path = SPECS_PATH) -> Specs:
             decimals=int(body.get("decimals", defaults.get("decimals", 2))),
             bold=bool(body.get("bold", True)),
         )
-    return Specs(tables=tables, datasets=dict(raw.get("datasets", {})))
+    first = next(iter(tables.values()), None)
+    reference = str(defaults.get("reference") or (first.reference if first else "albef"))
+    return Specs(tables=tables, datasets=dict(raw.get("datasets", {})), reference=reference,
+                 default_metrics=defaults.get("metrics"))
 
 
 def load_paper(path: Path = PAPER_PATH) -> PaperNumbers:
@@ -200,7 +219,7 @@ def _status_text(statuses: dict[int, str]) -> str:
         return kinds.pop() if kinds else "missing"
     parts = [
         f"{kind}: " + ",".join(f"s{s}" for s, k in sorted(statuses.items()) if k == kind)
-        for kind in ("done", "diverged", "failed", "running", "missing")
+        for kind in ("done", "diverged", "failed", "running", "excluded", "missing")
         if kind in kinds
     ]
     return "; ".join(parts)
@@ -284,13 +303,21 @@ def summarise(
         rows.append({"cell": row.cell, "label": row.label or row.cell, **flags, **stats, **numbers})
     table = pd.DataFrame(rows)
     ref = table.loc[table["cell"] == spec.reference].iloc[0]
+    done = frame[frame["status"] == "done"]
     for metric in metrics:
         # Difference of means; NaN whenever either side has no finished seed.
         table[f"{metric}:delta"] = table[f"{metric}:mean"] - ref[f"{metric}:mean"]
         table[f"{metric}:p"] = [_significance(frame, cell, spec.reference, metric)
                                 for cell in table["cell"]]
+        # One seed spread for the table (results/power.py): each cell's seeds around its mean.
+        spread = pooled_sd([_seed_values(done[done["cell"] == c], metric) for c in spec.cells])
+        table[f"{metric}:mde"] = [
+            np.nan if cell == spec.reference else mde(spread, int(n), int(ref[f"{metric}:n"]))
+            for cell, n in zip(table["cell"], table[f"{metric}:n"], strict=True)]
+        table[f"{metric}:sd_pooled"] = spread
     order = ["cell", "label", *spec.flags, "status", "n_expected", "n_done"]
-    order += [f"{m}:{s}" for m in metrics for s in ("mean", "std", "n", "delta", "p")]
+    order += [f"{m}:{s}" for m in metrics
+              for s in ("mean", "std", "n", "delta", "p", "mde", "sd_pooled")]
     return table[order + [f"paper:{m}" for m in spec.paper_metrics]]
 
 
@@ -358,23 +385,63 @@ def display_frame(
         bold[header] = _best_mask(summary[f"paper:{m}"], dec)
     shown = pd.DataFrame(cols)
     mask = pd.DataFrame({c: bold.get(c, pd.Series(False, index=shown.index)) for c in shown})
+    footer = _mde_row(summary, spec, metrics, list(shown.columns), ref, dec)
+    shown = pd.concat([shown, pd.DataFrame([footer])], ignore_index=True)
+    mask = pd.concat([mask, pd.DataFrame([dict.fromkeys(shown.columns, False)])],
+                     ignore_index=True)
     return shown, mask.astype(bool)
 
 
+def _mde_row(summary: pd.DataFrame, spec: TableSpec, metrics: list[str], columns: list[str],
+             ref_label: str, dec: int) -> dict[str, str]:
+    """The last row: under each Δ column, the minimum detectable effect at the usual seed
+    count of the rows (results/power.py), or "—" where it cannot be computed (one seed)."""
+    others = summary[summary["cell"] != spec.reference]
+    row = dict.fromkeys(columns, "")
+    counts = [int(n) for m in metrics for n in others[f"{m}:n"] if n]
+    n = max(set(counts), key=counts.count) if counts else 0
+    ref = summary.loc[summary["cell"] == spec.reference].iloc[0]
+    label = f"MDE (n={n} vs {int(ref[f'{metrics[0]}:n']) if metrics else 0})"
+    row["cell"] = label
+    for m in metrics:
+        values = others.loc[others[f"{m}:n"] == n, f"{m}:mde"].dropna()
+        row[f"Δ {m} vs {ref_label}"] = f"{values.iloc[0]:.{dec}f}" if len(values) else DASH
+    return row
+
+
 def caption_text(spec: TableSpec, ctx: TableContext, paper: PaperNumbers, note: str = "") -> str:
-    """One-line caption: dataset, preset, seeds, and that paper columns are quoted."""
+    """One-line caption: what was run (recipe: preset, steps, data, launch), seeds, how Δ is
+    tested and how large a Δ the seeds can detect, what was left out, and that paper columns
+    are quoted."""
     seeds = ",".join(str(s) for s in ctx.seeds) or "none"
     evaluated = f" ({ctx.eval_note})" if ctx.eval_note else ""
+    paper_note = (f" Paper columns are quoted, not reproduced ({paper.source})."
+                  if spec.paper_metrics else "")
     return (
-        f"{spec.title}. Ours: {ctx.dataset}{evaluated}, preset "
-        f"{ctx.preset or 'unknown'}, {len(ctx.seeds)} seed(s) requested ({seeds}); "
+        f"{spec.title}. Ours: {ctx.dataset}{evaluated}; {ctx.recipe}; "
+        f"{len(ctx.seeds)} seed(s) requested ({seeds}); "
         f"mean ± std over finished seeds with n, metrics in %, Δ vs "
         f"{spec.row_label(spec.reference)}{', best per column in bold' if spec.bold else ''}; "
-        f"{SIG_MARK} marks a Δ "
-        f"whose two-sided Welch's t-test over the seeds gives p < {SIG_LEVEL} (needs >= 2 "
-        f"finished seeds in both rows; an unmarked Δ is within seed noise). Paper columns are "
-        f"quoted, not reproduced ({paper.source})." + (f" {note}" if note else "")
+        f"{SIG_MARK} marks a Δ whose two-sided Welch's t-test over the seeds gives "
+        f"p < {SIG_LEVEL} (needs >= 2 finished seeds in both rows). {_power_note(ctx)}"
+        f"{paper_note}{_excluded_note(ctx)}" + (f" {note}" if note else "")
     )
+
+
+def _power_note(ctx: TableContext) -> str:
+    if len(ctx.seeds) < 2:
+        return ("With one seed per cell no Δ can be tested: nothing can be concluded from "
+                "these differences (run --seeds 3 or more).")
+    return (f"The MDE row is the smallest true Δ a two-sided t-test at p < {ALPHA} detects "
+            f"with probability {POWER} at these seed counts, from the pooled within-cell seed "
+            f"spread: an unmarked Δ below it is no evidence of no effect.")
+
+
+def _excluded_note(ctx: TableContext) -> str:
+    if not ctx.excluded:
+        return ""
+    listed = "; ".join(e.describe() for e in ctx.excluded)
+    return f" Not shown, trained under another grid recipe: {listed}."
 
 
 def to_markdown(shown: pd.DataFrame, mask: pd.DataFrame, caption: str) -> str:
@@ -415,10 +482,15 @@ def to_latex(shown: pd.DataFrame, mask: pd.DataFrame, caption: str, label: str) 
 
 
 def build_table(
-    frame: pd.DataFrame, spec: TableSpec, specs: Specs, paper: PaperNumbers, note: str = ""
+    frame: pd.DataFrame, spec: TableSpec, specs: Specs, paper: PaperNumbers, note: str = "",
+    recipe: str = "", excluded: Sequence[Excluded] = (),
 ) -> TableResult:
-    """Summarise and render one table, warning about every cell/seed without a finished run."""
+    """Summarise and render one table, warning about every cell/seed without a finished run.
+
+    ``frame`` holds the runs of one grid recipe (``recipe`` describes it); ``excluded`` are the
+    runs of other recipes, named in the caption."""
     ctx = table_context(frame, spec, specs.datasets)
+    ctx = replace(ctx, recipe=recipe, excluded=tuple(e for e in excluded if e.cell in spec.cells))
     summary = summarise(frame, spec, paper, ctx.preset)
     rows = frame[frame["cell"].isin(spec.cells) & (frame["status"] != "done")]
     gaps = rows.drop_duplicates(["cell", "seed"])
@@ -440,18 +512,69 @@ def build_table(
     )
 
 
+def other_cells_spec(frame: pd.DataFrame, specs: Specs) -> TableSpec | None:
+    """An automatic table of the cells with runs that no table spec names (a new ablation
+    cell is never only in the raw file), against the grid's reference cell."""
+    named = {c for spec in specs.tables.values() for c in spec.cells}
+    present = frame.loc[frame["status"] != "missing", "cell"]
+    others = sorted(set(present) - named - {specs.reference})
+    if not others:
+        return None
+    return TableSpec(
+        name="other_cells", title=f"Other cells (in no table spec; Δ vs {specs.reference})",
+        rows=tuple(RowSpec(c, None, ()) for c in [specs.reference, *others]),
+        reference=specs.reference, metrics=specs.default_metrics, paper_metrics=())
+
+
+def _mark_excluded(frame: pd.DataFrame, excluded: Sequence[Excluded]) -> pd.DataFrame:
+    """Placeholder rows (status "excluded") for cell/seeds whose only runs are of another
+    recipe, so the status column says why they have no numbers."""
+    have = set(zip(frame.loc[frame["status"] != "missing", "cell"],
+                   frame.loc[frame["status"] != "missing", "seed"], strict=True))
+    marks = {(e.cell, e.seed) for e in excluded} - have
+    if not marks:
+        return frame
+    extra = records_to_frame([placeholder_record(None, c, s, "excluded", "another grid recipe")
+                              for c, s in sorted(marks)])
+    rest = frame[~((frame["status"] == "missing")
+                   & pd.Series(list(zip(frame["cell"], frame["seed"], strict=True)),
+                               index=frame.index).isin(marks))]
+    return pd.concat([rest, extra], ignore_index=True)
+
+
 def build_tables(
     frame: pd.DataFrame, specs: Specs | None = None, paper: PaperNumbers | None = None,
-    note: str = "",
+    note: str = "", fingerprint: str | None = None,
 ) -> dict[str, TableResult]:
-    """Every table of the specs from one collected frame (shared cells are read once)."""
+    """Every table of the specs, plus "other cells" when there are any, from one collected
+    frame, for one grid recipe: ``fingerprint`` (a grid's own plan) or the reference cell's
+    (results/recipes.py). Runs of other recipes are never compared; each table's caption
+    lists the ones it leaves out and what differs."""
     specs = specs or load_specs()
     paper = paper or load_paper()
-    cells = [cell for spec in specs.tables.values() for cell in spec.cells]
+    target = choose_fingerprint(frame, specs.reference, fingerprint)
+    ours, excluded = split_by_recipe(frame, target)
+    settings = recipes_in(frame).get(target or "", {})
+    presets = sorted(ours.loc[ours["status"] != "missing", "preset"].dropna().unique())
+    recipe = describe_recipe(settings, target, _steps(ours), ",".join(presets) or None)
+    ours = _mark_excluded(ours, excluded)
+    tables = dict(specs.tables)
+    extra = other_cells_spec(ours, specs)
+    if extra is not None:
+        tables[extra.name] = extra
+    cells = [cell for spec in tables.values() for cell in spec.cells]
     # Every table cell gets a row per seed (as "missing" if it never ran), whoever built frame.
-    frame = select_runs(frame, cells=cells)
-    return {name: build_table(frame, spec, specs, paper, note)
-            for name, spec in specs.tables.items()}
+    ours = select_runs(ours, cells=cells)
+    return {name: build_table(ours, spec, specs, paper, note, recipe, excluded)
+            for name, spec in tables.items()}
+
+
+def _steps(frame: pd.DataFrame) -> list[int]:
+    """Training steps of the finished runs (result.json train_steps), when recorded."""
+    if "steps" not in frame:
+        return []
+    done = frame[frame["status"] == "done"].drop_duplicates("run_id")
+    return sorted({int(v) for v in done["steps"].dropna()})
 
 
 def write_table(result: TableResult, out_dir: Path) -> list[Path]:
@@ -467,11 +590,48 @@ def write_table(result: TableResult, out_dir: Path) -> list[Path]:
 
 
 def write_summary(results: dict[str, TableResult], path: Path, paper: PaperNumbers) -> Path:
-    """Concatenate every table's Markdown under a heading (pasted into the README)."""
+    """Concatenate every table's Markdown under a heading (pasted into the README), then how
+    many seeds the paper's effect sizes would need at the measured seed spread."""
     parts = [f"### {r.spec.title}\n\n{r.markdown}" for r in results.values()]
     note = (
         f"Paper columns: {paper.source}. Status lists seeds per state "
-        f'(done/diverged/failed/running/missing); "{DASH}" means no finished seed.\n'
+        f'(done/diverged/failed/running/excluded/missing); "{DASH}" means no finished seed.\n'
     )
-    Path(path).write_text("\n".join(parts) + "\n" + note)
+    plan = seed_plan(results, paper)
+    Path(path).write_text("\n".join(parts) + "\n" + note + (f"\n{plan}" if plan else ""))
     return Path(path)
+
+
+def seed_plan(results: dict[str, TableResult], paper: PaperNumbers) -> str:
+    """Seeds per cell needed to detect the paper's Δs (vs each table's reference row) at the
+    pooled seed spread measured here (results/power.py), one line per table and metric."""
+    lines = []
+    for r in results.values():
+        ours = set(r.spec.metrics_for(r.context.preset))
+        quoted = paper.tables.get(r.spec.name, {})
+        ref = quoted.get(r.spec.reference, {})
+        for m in [m for m in r.spec.paper_metrics if m in ours and m in ref]:
+            effects = sorted(abs(v[m] - ref[m]) for c, v in quoted.items()
+                             if c != r.spec.reference and m in v and v[m] != ref[m])
+            if not effects:
+                continue
+            sd = float(r.summary[f"{m}:sd_pooled"].iloc[0])
+            lines.append(_plan_line(r.spec.name, m, sd, effects, r.spec.reference))
+    if not lines:
+        return ""
+    head = (f"#### Seeds needed for the paper's effect sizes\n\nSeeds per cell for a "
+            f"two-sided t-test at p < {ALPHA} to detect, with probability {POWER}, a Δ as large "
+            f"as the paper's (if the effects were as large on this benchmark as on "
+            f"{paper.setting}), at the seed spread measured here:\n")
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def _plan_line(table: str, metric: str, sd: float, effects: list[float], ref: str) -> str:
+    lo, hi = effects[0], effects[-1]
+    if not np.isfinite(sd):
+        return (f"- {table}, {metric}: paper Δ vs {ref} {lo:.2f}–{hi:.2f} points; seed spread "
+                f"unknown with one seed per cell (run --seeds 3 to measure it).")
+    need = [seeds_needed(e, sd) for e in (hi, lo)]
+    text = "–".join(str(n) if n is not None else ">200" for n in dict.fromkeys(need))
+    return (f"- {table}, {metric}: pooled seed SD {sd:.2f}; paper Δ vs {ref} {lo:.2f}–{hi:.2f} "
+            f"points: {text} seeds per cell.")

@@ -39,10 +39,20 @@ def make_executor(cluster: Cluster, folder: str | Path, tier: Tier, name: str,
         if tier.mem_gb == 0:  # the whole node's memory
             params.pop("mem_gb")
             params["slurm_mem"] = 0
-        for key in ("partition", "account", "qos", "constraint"):
+        for key in ("partition", "account", "qos", "constraint", "exclude", "comment"):
             value = getattr(tier, key)
             if value:
                 params[f"slurm_{key}"] = value
+        if tier.gres:  # a typed request (gpu:a100:8) instead of the untyped GPU count
+            params.pop("gpus_per_node")
+            params["slurm_gres"] = tier.gres
+        if tier.setup:
+            params["slurm_setup"] = list(tier.setup)
+        extra = dict(tier.sbatch)
+        if tier.reservation:
+            extra["reservation"] = tier.reservation
+        if extra:
+            params["slurm_additional_parameters"] = extra
         if tier.exclusive:
             params["slurm_exclusive"] = True
         if array_parallelism:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from model.config.loader import ConfigError, from_dict, load_yaml_file
+from model.config.loader import ConfigError, FieldError, from_dict, load_yaml_file
 
 RESOURCES_FILE = Path(__file__).with_name("resources.yaml")
 ENV_PREFIX = "SOFTMASK_SLURM_"
@@ -30,8 +31,26 @@ class Tier:
     exclusive: bool = False
     signal_delay_s: int = 120
     max_num_timeout: int = 30
+    # Shell lines the batch script runs before the job (module loads, environment
+    # activation); submitit's slurm_setup.
+    setup: tuple[str, ...] = ()
+    exclude: str | None = None  # nodes to avoid (sbatch --exclude)
+    comment: str | None = None  # sbatch --comment
+    # A typed GPU request, e.g. "gpu:a100:8" (sbatch --gres); replaces gpus_per_node's
+    # untyped request when set.
+    gres: str | None = None
+    reservation: str | None = None  # sbatch --reservation
+    # Any other sbatch option, without the dashes (e.g. {mail-type: END}); submitit's
+    # slurm_additional_parameters.
+    sbatch: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_num_timeout"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
             raise ValueError(f"tasks_per_node={self.tasks_per_node} must equal gpus_per_node="
                              f"{self.gpus_per_node} (one task per GPU)")
@@ -42,6 +61,10 @@ class Tier:
 
 
 def _coerce(name: str, raw: str, current: object) -> object:
+    if name == "setup":  # one shell line (it may chain commands with && or ;)
+        return [raw] if raw.strip() else []
+    if name == "sbatch":
+        return _sbatch_pairs(raw)
     if raw.lower() in ("", "none", "null"):
         return None
     if name == "exclusive":
@@ -60,19 +83,46 @@ def _coerce(name: str, raw: str, current: object) -> object:
     return raw
 
 
+def _sbatch_pairs(raw: str) -> dict[str, str]:
+    """``SOFTMASK_SLURM_SBATCH="mail-type=END,licenses=scratch"`` as a mapping."""
+    pairs = {}
+    for item in (p.strip() for p in raw.split(",") if p.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"environment {ENV_PREFIX}SBATCH: expected option=value pairs "
+                              f"separated by commas, got {item!r}")
+        pairs[key.strip().lstrip("-")] = value.strip()
+    return pairs
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``SOFTMASK_SLURM_*`` variables, each naming a tier field (an unknown name is an
+    error with a suggestion: a typo must not be ignored silently)."""
+    known = {ENV_PREFIX + f.name.upper(): f.name for f in fields(Tier)}
+    errors = []
+    for key in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+        errors.append(f"environment {key}: not a resource setting"
+                      + (f" (did you mean {close[0]}?)" if close else "")
+                      + f"; known: {', '.join(sorted(known))}")
+    if errors:
+        raise ConfigError(errors)
+    return {known[k]: v for k, v in env.items() if k in known}
+
+
 def load_tier(name: str, path: Path = RESOURCES_FILE, env: dict[str, str] | None = None) -> Tier:
-    """The named tier merged over the file's defaults, then ``SOFTMASK_SLURM_*`` variables."""
+    """The named tier merged over the file's defaults, then ``SOFTMASK_SLURM_*`` variables
+    (validated like the file's values: the error names the variable)."""
     data = load_yaml_file(path)
     tiers = data.get("tiers", {})
     if name not in tiers:
         raise ConfigError(f"{path}: unknown resource tier {name!r}; known tiers: {sorted(tiers)}")
     merged = {**data.get("defaults", {}), **tiers[name]}
-    env = dict(os.environ if env is None else env)
-    for f in fields(Tier):
-        key = ENV_PREFIX + f.name.upper()
-        if key in env:
-            merged[f.name] = _coerce(f.name, env[key], merged.get(f.name))
-    return from_dict(Tier, merged, default_origin=f"{path} (tier {name})")
+    origins = {}
+    for field_name, raw in _env_overrides(dict(os.environ if env is None else env)).items():
+        merged[field_name] = _coerce(field_name, raw, merged.get(field_name))
+        origins[field_name] = f"environment {ENV_PREFIX}{field_name.upper()}"
+    return from_dict(Tier, merged, origins, default_origin=f"{path} (tier {name})")
 
 
 def allocated_threads(env: Mapping[str, str] | None = None) -> int | None:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from model.engine.run_io import DONE, FAILED, METRICS, RESULT
+from model.engine.run_io import DONE, FAILED, METRICS, read_run
 
 if TYPE_CHECKING:
     from slurm.spec import RunSpec
@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 STATES = ("finished", "running", "pending", "requeued", "failed", "diverged", "cancelled",
           "missing")
-COLUMNS = ["cell", "seed", "run_id", "state", "job_id", "scheduler", "last_step", "last_loss",
-           "elapsed_s", "detail", "tail"]
+# The state of a planned run whose directory does not exist while other runs of its cell are on
+# disk is still "missing"; those other runs are listed below it as not planned.
+COLUMNS = ["cell", "seed", "run_id", "recipe", "state", "job_id", "scheduler", "last_step",
+           "last_loss", "elapsed_s", "detail", "tail"]
 SUBMISSIONS = "submissions.jsonl"
 SUBMITIT_DIR = ".submitit"
 TAIL_LINES = 15
@@ -248,37 +250,24 @@ def _progress(run_dir: Path) -> tuple[int | None, float | None, float | None]:
     return last.get("step"), last.get("loss/total"), last.get("time_s")
 
 
-def _result(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
-    """result.json if it is a finished run's result, else (None, why not)."""
-    path = run_dir / RESULT
-    if not path.exists():
-        return None, f"{DONE} marker but no {RESULT}"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"{DONE} marker but {RESULT} is unreadable ({exc})"
-    if isinstance(data, dict) and data.get("status") == "diverged":
-        return data, str((data.get("diverged") or {}).get("reason", "finite blow-up"))
-    if not isinstance(data, dict) or data.get("status", "done") != "done":
-        return None, f"{DONE} marker but {RESULT} is not a finished result"
-    return data, ""
+_DISK_KINDS = {"done": "done", "diverged": "diverged", "failed": "failed", "running": "started",
+               "missing": "absent"}
 
 
 def read_disk(run_dir: Path) -> DiskView:
-    """The run directory's verdict; FAILED wins over DONE, DONE needs a valid result."""
-    if not run_dir.is_dir():
+    """The run directory's verdict (model.engine.run_io.read_run: FAILED wins over DONE,
+    DONE needs a valid result) with its progress."""
+    verdict = read_run(run_dir)
+    if verdict.status == "missing":
         return DiskView("absent")
     step, loss, time_s = _progress(run_dir)
-    if (run_dir / FAILED).exists():
-        first = (run_dir / FAILED).read_text(errors="replace").strip().splitlines()
-        return DiskView("failed", first[0] if first else f"{FAILED} marker", step, loss, time_s)
-    if (run_dir / DONE).exists():
-        result, why = _result(run_dir)
-        if result is None:
-            return DiskView("bad-done", why, step, loss, time_s)
-        kind = "diverged" if result.get("status") == "diverged" else "done"
-        return DiskView(kind, why, step, loss, result.get("wall_s", time_s))
-    return DiskView("started", "", step, loss, time_s)
+    kind = _DISK_KINDS[verdict.status]
+    if verdict.status == "failed" and (run_dir / DONE).exists() and \
+            not (run_dir / FAILED).exists():
+        kind = "bad-done"
+    detail = "" if kind in ("done", "started") else verdict.detail
+    elapsed = (verdict.result or {}).get("wall_s", time_s)
+    return DiskView(kind, detail, step, loss, elapsed)
 
 
 def _tail_lines(path: Path, n: int) -> str:
@@ -317,9 +306,15 @@ def failure_tail(grid_dir: Path, run_dir: Path, job_id: str | None,
 def classify(disk: DiskView, sched: SchedulerView | None) -> tuple[str, str]:
     """(state, reason) from the run directory and the scheduler (None: not known)."""
     cat = sched.category if sched is not None else None
+    if disk.kind in ("failed", "diverged") and cat in ("pending", "requeued", "running") \
+            and sched is not None and (sched.requeued or sched.attempts > 1 or
+                                       cat == "requeued"):
+        # The marker is an earlier attempt's; the job was requeued and runs again (its first
+        # step clears the marker).
+        return ("requeued" if cat != "running" else "running"), \
+            f"requeued after: {disk.detail}"
     if disk.kind == "failed":
-        # The divergence guard's error (model/engine/guard.py) is its own state.
-        return ("diverged" if disk.detail.startswith("Diverged:") else "failed"), disk.detail
+        return "failed", disk.detail
     if disk.kind == "bad-done":
         return "failed", disk.detail
     if disk.kind == "diverged":  # finished with a finite blow-up (model/engine/guard.py)
@@ -353,21 +348,21 @@ def read_submissions(grid_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 def _planned(grid_dir: Path, specs: Sequence[RunSpec] | None,
              subs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, int | None, str]]:
-    """(cell, seed, run_id) of every planned run: the specs when given; otherwise every run
-    submitted or with a directory in the grid."""
-    if specs is not None:
-        return [(s.cell, s.seed, s.run_id) for s in specs]
+    """(cell, seed, run_id) of every planned run (the specs), then every other run submitted
+    or with a directory in the grid (another ``--set``, seed count or recipe: what is on disk
+    is listed without repeating the flags that made it)."""
+    planned = [(s.cell, s.seed, s.run_id) for s in specs or []]
     names = set(subs)
     if grid_dir.is_dir():
         names |= {p.name for p in grid_dir.iterdir() if p.is_dir() and _RUN_ID.match(p.name)}
     runs = []
-    for run_id in sorted(names):
+    for run_id in sorted(names - {r for _, _, r in planned}):
         m = _RUN_ID.match(run_id)
         rec = subs.get(run_id, [{}])[-1]
         cell = rec.get("cell") or (m.group("cell") if m else run_id)
         seed = rec.get("seed", int(m.group("seed")) if m else None)
         runs.append((cell, seed, run_id))
-    return runs
+    return planned + runs
 
 
 def _slurm_job(records: list[dict[str, Any]]) -> str | None:
@@ -428,14 +423,20 @@ def _local_views(subs: dict[str, list[dict[str, Any]]], run_ids: Iterable[str],
 
 
 def _row(grid_dir: Path, cell: str, seed: int | None, run_id: str, job_id: str | None,
-         sched: SchedulerView | None) -> dict[str, Any]:
+         sched: SchedulerView | None, recipe: str) -> dict[str, Any]:
     disk = read_disk(grid_dir / run_id)
     state, detail = classify(disk, sched)
     elapsed = (sched.elapsed_s if sched is not None and sched.elapsed_s is not None
                else disk.elapsed_s)
+    scheduler = sched.describe() if sched is not None else ""
+    if state in ("finished", "diverged", "failed") and sched is not None and \
+            sched.category in ("running", "pending", "requeued"):
+        # The run directory already has its verdict; the job is only exiting (accounting
+        # lags): a live state next to it would contradict the row.
+        scheduler = f"exiting (last seen {sched.base_state})"
     return {
-        "cell": cell, "seed": seed, "run_id": run_id, "state": state, "job_id": job_id,
-        "scheduler": sched.describe() if sched is not None else "",
+        "cell": cell, "seed": seed, "run_id": run_id, "recipe": recipe, "state": state,
+        "job_id": job_id, "scheduler": scheduler,
         "last_step": disk.last_step, "last_loss": disk.last_loss, "elapsed_s": elapsed,
         "detail": detail,
         "tail": (failure_tail(grid_dir, grid_dir / run_id, job_id)
@@ -458,11 +459,16 @@ def grid_status(grid_dir: Path, query_scheduler: bool = True,
     run_ids = [r for _, _, r in planned]
     views = {**_local_views(subs, run_ids, grid_dir),
              **(_scheduler_views(subs, run_ids) if query_scheduler else {})}
+    recipes = {s.run_id: s.fingerprint for s in specs or []}
     rows = []
     for cell, seed, run_id in planned:
         job_id = str(subs[run_id][-1].get("job_id")) if run_id in subs else None
-        rows.append(_row(grid_dir, cell, seed, run_id, job_id, views.get(job_id or "")))
-    return pd.DataFrame(rows, columns=COLUMNS)
+        recipe = recipes.get(run_id) or str(read_run(grid_dir / run_id).meta.get("fingerprint")
+                                            or "")
+        row = _row(grid_dir, cell, seed, run_id, job_id, views.get(job_id or ""), recipe)
+        row["planned"] = specs is None or run_id in recipes
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*COLUMNS, "planned"])
 
 
 # --------------------------------------------------------------------------- output
@@ -479,7 +485,32 @@ def format_status(df: pd.DataFrame) -> str:
     """A Markdown table, a count per state, and the tail of every failed run."""
     if df.empty:
         return "(no runs planned or found)"
-    table = df.drop(columns=["tail"]).copy()
+    planned = df[df["planned"]] if "planned" in df else df
+    others = df[~df["planned"]] if "planned" in df else df.iloc[:0]
+    lines = [_status_table(planned)]
+    if not others.empty:
+        lines += ["", f"Not in this plan ({len(others)} run(s) on disk: other --set values, "
+                  "seeds or recipes):", "", _status_table(others)]
+    lines += ["", _recipe_summary(df)]
+    for row in df[df["state"].isin(["failed", "diverged"])].itertuples():
+        lines += ["", f"## {row.state}: {row.run_id} (job {row.job_id or '-'})", "```",
+                  str(row.tail), "```"]
+    return "\n".join(lines)
+
+
+def _recipe_summary(df: pd.DataFrame) -> str:
+    """One line per grid recipe found: how many runs, and whether this plan's."""
+    parts = []
+    for recipe, group in df.groupby(df["recipe"].fillna("").replace("", "unrecorded"),
+                                    sort=False):
+        mine = bool(group["planned"].all()) if "planned" in group else True
+        parts.append(f"{recipe} ({len(group)} run(s){', this plan' if mine else ''})")
+    return "recipes: " + ", ".join(parts)
+
+
+def _status_table(df: pd.DataFrame) -> str:
+    """The Markdown table and the count per state of some rows."""
+    table = df.drop(columns=[c for c in ("tail", "planned") if c in df]).copy()
     table["elapsed_s"] = table["elapsed_s"].map(_clock)
     table = table.rename(columns={"elapsed_s": "elapsed"})
     table["last_step"] = table["last_step"].map(lambda v: "" if pd.isna(v) else str(int(v)))
@@ -487,11 +518,7 @@ def format_status(df: pd.DataFrame) -> str:
     table = table.fillna("")
     counts = df["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)
-    lines = [table.to_markdown(index=False), "", f"{len(df)} run(s): {summary}"]
-    for row in df[df["state"].isin(["failed", "diverged"])].itertuples():
-        lines += ["", f"## {row.state}: {row.run_id} (job {row.job_id or '-'})", "```",
-                  str(row.tail), "```"]
-    return "\n".join(lines)
+    return "\n".join([table.to_markdown(index=False), "", f"{len(df)} run(s): {summary}"])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

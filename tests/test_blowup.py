@@ -39,8 +39,8 @@ def test_the_factor_is_validated_and_not_part_of_the_run_identity() -> None:
         load_experiment(preset="tiny", sets=["train.blowup_factor=0.5"])
 
 
-def test_lr_10_is_marked_diverged_everywhere(tmp_path: Path, synthetic_cache: Path) -> None:
-    cfg = load_experiment(preset="tiny", sets=[*tiny_grid_sets(synthetic_cache), "train.lr=10",
+def test_lr_1_is_marked_diverged_everywhere(tmp_path: Path, synthetic_cache: Path) -> None:
+    cfg = load_experiment(preset="tiny", sets=[*tiny_grid_sets(synthetic_cache), "train.lr=1",
                                                "train.warmup_steps=0", "train.max_steps=8"])
     grid = tmp_path / "runs" / "g"
     run_dir = grid / f"albef__s0__{experiment_hash(cfg)}"

@@ -54,14 +54,13 @@ def test_collect_regenerates_the_planned_seeds_only(tmp_path: Path, monkeypatch)
     share its runs root (and the caption says which seeds were asked for)."""
     import results.__main__ as results_cli
 
-    calls: list[list[str]] = []
-    monkeypatch.setattr(results_cli, "main", lambda argv: calls.append(argv) or 0)
+    calls: list[list[int]] = []
+    monkeypatch.setattr(results_cli, "run", lambda args, plan=None: calls.append(args.seeds) or 0)
     for n in (1, 3):
         assert run_grid.main(["--collect-only", "--seeds", str(n), "--only", "albef",
                               "--runs-root", str(tmp_path / "runs"),
                               "--results-out", str(tmp_path / "out")]) == 0
-    seeds = [argv[argv.index("--seeds") + 1:] for argv in calls]
-    assert seeds == [["0"], ["0", "1", "2"]]
+    assert calls == [[0], [0, 1, 2]]
 
 
 def test_dry_run_validates_all_cells(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -95,7 +95,14 @@ def test_slurm_cancelled_cell_loses_nothing_else(slurm_env, tmp_path: Path,
     assert rc == 0
     table = (out / "generated" / "component_ablation.md").read_text()
     mmda_row = next(line for line in table.splitlines() if line.startswith("| mmda "))
-    assert "—" in mmda_row and "running" in mmda_row  # cancelled mid-run: no result, marked
+    # The long cell ran under another grid recipe (200 epochs): never compared, and named.
+    assert "—" in mmda_row and "excluded" in mmda_row
+    assert "mmda s0" in table.splitlines()[0] and "train.epochs 200 vs 2" in table
+    # Its own recipe's table shows it cancelled mid-run: no result, marked.
+    (variant,) = [p for p in (out / "generated").iterdir() if p.is_dir()]
+    table = (variant / "component_ablation.md").read_text()
+    mmda_row = next(line for line in table.splitlines() if line.startswith("| mmda "))
+    assert "—" in mmda_row and "running" in mmda_row
 
 
 def test_a_second_submission_of_a_queued_or_running_run_is_skipped(

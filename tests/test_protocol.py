@@ -220,8 +220,10 @@ def _ddp_cell(rank: int, port: int, cache: str, run_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # A recipe written for two ranks (the scale-out check refuses it otherwise).
     cfg = load_experiment(preset="tiny", sets=[*tiny_grid_sets(cache),
-                                               "downstream=[flickr_zeroshot]"])
+                                               "downstream=[flickr_zeroshot]",
+                                               "train.recipe_world_size=2"])
     out = run_cell(cfg, run_dir, identity={"cell": "albef"}, device="cpu",
                    protocols=PROTOCOLS_FILE)
     Path(run_dir, f"rank{rank}.json").write_text(json.dumps(out))

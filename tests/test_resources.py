@@ -3,6 +3,8 @@ becomes submitit's SLURM parameters (no cluster needed: the parameters are inspe
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,52 @@ def test_tier_becomes_slurm_parameters(tmp_path: Path) -> None:
     assert params["signal_delay_s"] == 120 and params["partition"] == "gpu"
     shared = make_executor("slurm", tmp_path, load_tier("cpu", env={}), "grid:cpu")
     assert "exclusive" not in shared._executor.parameters
+
+
+def test_cluster_options_become_slurm_parameters(tmp_path: Path) -> None:
+    env = {"SOFTMASK_SLURM_SETUP": "module load cuda/12.1 && source env/bin/activate",
+           "SOFTMASK_SLURM_EXCLUDE": "node[01-02]", "SOFTMASK_SLURM_GRES": "gpu:a100:8",
+           "SOFTMASK_SLURM_RESERVATION": "paper", "SOFTMASK_SLURM_SBATCH": "mail-type=END"}
+    params = make_executor("slurm", tmp_path, load_tier("8gpu", env=env), "g")._executor.parameters
+    assert params["setup"] == ["module load cuda/12.1 && source env/bin/activate"]
+    assert params["exclude"] == "node[01-02]" and params["gres"] == "gpu:a100:8"
+    assert "gpus_per_node" not in params  # the typed request replaces the untyped count
+    assert params["additional_parameters"] == {"mail-type": "END", "reservation": "paper"}
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SOFTMASK_SLURM_NODES": "-1"}, "environment SOFTMASK_SLURM_NODES: nodes must be >= 1"),
+    ({"SOFTMASK_SLURM_BOGUS": "1"}, "SOFTMASK_SLURM_BOGUS: not a resource setting"),
+    ({"SOFTMASK_SLURM_PARTITON": "a100"}, "did you mean SOFTMASK_SLURM_PARTITION"),
+    ({"SOFTMASK_SLURM_SBATCH": "mail-type"}, "SOFTMASK_SLURM_SBATCH: expected option=value"),
+])
+def test_environment_overrides_are_validated_like_the_file(env: dict[str, str],
+                                                           message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_tier("cpu", env=env)
+
+
+def _report_setup() -> str:
+    return os.environ.get("SOFTMASK_TEST_SETUP", "not set")
+
+
+@pytest.mark.slurm
+def test_setup_lines_and_extra_sbatch_options_reach_the_batch_script(
+        slurm_env, tmp_path: Path) -> None:
+    """On the real local SLURM: the tier's setup line runs before the job and an extra sbatch
+    option (here --comment through the tier's ``sbatch`` mapping) is in the batch script."""
+    from fixtures_slurm import job_python_path
+
+    from devtools.local_slurm import PARTITION
+
+    env = {"SOFTMASK_SLURM_SETUP": "export SOFTMASK_TEST_SETUP=from-setup",
+           "SOFTMASK_SLURM_SBATCH": "comment=softmask-recipe-test",
+           "SOFTMASK_SLURM_PARTITION": PARTITION}
+    tier = load_tier("cpu", env=env)
+    ex = make_executor("slurm", tmp_path / "submitit", tier, "setup-test")
+    ex.update_parameters(slurm_setup=[*job_python_path(), *tier.setup])
+    job = ex.submit(_report_setup)
+    assert job.result() == "from-setup"
+    script = (tmp_path / "submitit" / job.job_id / f"{job.job_id}_submission.sh").read_text()
+    assert "#SBATCH --comment=softmask-recipe-test" in script
+    assert "export SOFTMASK_TEST_SETUP=from-setup" in script

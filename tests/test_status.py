@@ -123,16 +123,21 @@ def test_planted_runs_get_their_states(planted: Path) -> None:
 
 
 def test_planned_runs_from_the_grid_expansion(tmp_path: Path) -> None:
-    """With the specs, every planned run is listed (unstarted ones as missing), and run
-    directories that are not planned are left out."""
+    """With the specs, every planned run is listed first (unstarted ones as missing), with
+    the plan's recipe; run directories that are not planned follow, marked as such."""
     specs = expand(preset="tiny", seeds=[0, 1], only=["albef"], runs_root=tmp_path)
     grid = specs[0].run_dir.parent
     _finished(specs[0].run_dir)
     (grid / "other__s0__1234").mkdir()
     df = grid_status(grid, specs=specs)
-    assert list(df["run_id"]) == [s.run_id for s in specs]
-    assert list(df["state"]) == ["finished", "missing"]
+    assert list(df["run_id"]) == [s.run_id for s in specs] + ["other__s0__1234"]
+    assert list(df["state"]) == ["finished", "missing", "running"]
+    assert list(df["planned"]) == [True, True, False]
+    assert list(df["recipe"][:2]) == [specs[0].fingerprint] * 2
     assert df["job_id"].isna().all()
+    text = format_status(df)
+    assert "Not in this plan (1 run(s)" in text and f"{specs[0].fingerprint} (2 run(s), this " \
+        "plan)" in text
 
 
 def test_local_job_whose_process_is_gone_is_cancelled_not_running(tmp_path: Path) -> None:

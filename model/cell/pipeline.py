@@ -32,7 +32,7 @@ from model.engine.run_io import (
     RESULT,
     append_jsonl,
     late_training_means,
-    read_json,
+    read_run,
     train_rows,
     write_json_atomic,
 )
@@ -52,8 +52,9 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
     ablations/protocols.yaml); required when the config lists downstream protocols.
     """
     run_dir = Path(run_dir)
-    if (run_dir / DONE).exists():
-        return read_json(run_dir / RESULT)
+    verdict = read_run(run_dir)
+    if verdict.finished and verdict.result is not None:
+        return verdict.result
     run_dir.mkdir(parents=True, exist_ok=True)
     # One trainer per run: a second job on this directory stops here (RunLocked names the
     # holder) before it touches anything. Rank 0 holds the lock for the whole job.

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from model.config.experiment import experiment_hash
 from model.config.loader import dump_yaml, to_dict
+from model.config.recipe import run_hash
 from model.config.schema import ExperimentConfig
 from model.downstream.run import run_task
 from model.engine.distributed import barrier, init_distributed
@@ -35,7 +35,7 @@ from model.engine.run_io import (
     METRICS,
     RESULT,
     append_jsonl,
-    read_json,
+    read_run,
     write_json_atomic,
 )
 from model.engine.train import train
@@ -121,7 +121,7 @@ def _eval_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConf
     append_jsonl(stage_dir / METRICS, {"kind": "eval", "step": 0,
                                        "split": provenance["split"], **result.metrics})
     return StageResult(name, result.metrics, provenance, stage_dir, init, False,
-                       experiment_hash(stage_cfg))
+                       run_hash(stage_cfg, dist_info.world_size))
 
 
 def _method_switches(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -140,12 +140,14 @@ def _task_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentConf
     dump_yaml(stage_cfg, stage_dir / CONFIG)
     result = run_task(stage_cfg, task, init, stage_dir, device=device, init_image_size=init_size,
                       identity=identity)
-    if init_distributed(device, stage_cfg.train.dist_timeout_min).is_main:
+    dist_info = init_distributed(device, stage_cfg.train.dist_timeout_min)
+    if dist_info.is_main:
         provenance = {**_stage_provenance(registry, name, stage_cfg, init, init_size),
                       **result.provenance, "task_config": to_dict(task),
                       "method_switches": _method_switches(stage_cfg)}
         return StageResult(name, result.metrics, provenance, stage_dir,
-                           stage_dir / "task_checkpoint.pt", True, experiment_hash(stage_cfg),
+                           stage_dir / "task_checkpoint.pt", True,
+                           run_hash(stage_cfg, dist_info.world_size),
                            int(result.provenance.get("train_steps", 0)))
     return None
 
@@ -188,12 +190,14 @@ def run_downstream(cfg: ExperimentConfig, run_dir: str | Path, pretrain_checkpoi
         stage_cfg = stage_config(cfg, name, init, registry, sets)
         configs[name] = stage_cfg
         checkpoints[name] = checkpoint_path(stage_dir).resolve() if p.train else init
-        if (stage_dir / DONE).exists():
-            done = StageResult.from_dict(read_json(stage_dir / RESULT))
-            if done.config_hash != experiment_hash(stage_cfg):
+        verdict = read_run(stage_dir)
+        if verdict.finished and verdict.result is not None:
+            done = StageResult.from_dict(verdict.result)
+            now = run_hash(stage_cfg, int((identity or {}).get("world_size", 1)))
+            if done.config_hash != now:
                 log.warning("stage %s in %s finished under config %s but its config is now %s; "
                             "keeping the finished result (delete the directory to redo it)",
-                            name, stage_dir, done.config_hash, experiment_hash(stage_cfg))
+                            name, stage_dir, done.config_hash, now)
             log.info("stage %s already done in %s", name, stage_dir)
             results[name] = done
             continue

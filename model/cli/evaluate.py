@@ -52,7 +52,7 @@ from model.engine.protocol import (
     read_checkpoint_file,
     stage_config,
 )
-from model.engine.run_io import write_json_atomic
+from model.engine.run_io import CONFIG, RESULT, write_json_atomic
 
 log = logging.getLogger("model.cli.evaluate")
 
@@ -82,7 +82,7 @@ def base_config(args: argparse.Namespace, info: CheckpointInfo) -> tuple[Experim
     """The config the protocol is applied to, and where it came from."""
     if args.config:
         path = Path(args.config)
-        path = path / "config.yaml" if path.is_dir() else path
+        path = path / CONFIG if path.is_dir() else path
         return load_experiment(files=[path]), str(path)
     if args.preset:
         base = BASE_FILE if args.preset == "base" else None
@@ -236,7 +236,7 @@ def evaluate_task(args: argparse.Namespace, registry: ProtocolRegistry, state: d
     payload = {"protocol": args.protocol, "metrics": result.metrics, "rows": rows,
                "warnings": [], "caption": caption, "provenance": result.provenance,
                "paper_source": registry.paper_source}
-    write_json_atomic(out / "result.json", payload)
+    write_json_atomic(out / RESULT, payload)
     return payload, out
 
 
@@ -295,7 +295,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     payload = {"protocol": args.protocol, "metrics": result.metrics, "rows": rows,
                "warnings": warnings, "caption": caption, "provenance": prov,
                "paper_source": registry.paper_source}
-    write_json_atomic(out / "result.json", payload)
+    write_json_atomic(out / RESULT, payload)
     return payload, out
 
 

@@ -19,10 +19,12 @@ from model.config.loader import (
 from model.config.presets import preset_layer
 from model.config.schema import ExperimentConfig, ShardDataConfig
 
-# Settings that change where or how fast a run goes, not what it computes.
+# Settings that change where or how fast a run goes, not what it computes; and the scale-out
+# rule, whose effect (world size, effective learning rate) enters the run hash itself
+# (model/config/recipe.py run_hash).
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
                 "train.dist_timeout_min", "train.blowup_factor", "model.allow_download",
-                "train.log_to")
+                "train.log_to", "train.recipe_world_size", "train.lr_scaling")
 
 
 def load_experiment(
@@ -41,6 +43,19 @@ def load_experiment(
         inline: (source name, mapping with dotted or nested keys), e.g. a matrix cell's ``set:``.
         base: a base YAML applied before the preset.
     """
+    merged, origins = merge_layers(experiment_layers(files, preset, sets, inline, base))
+    return from_dict(ExperimentConfig, merged, origins)
+
+
+def experiment_layers(
+    files: Sequence[str | Path] = (),
+    preset: str | None = None,
+    sets: Sequence[str] = (),
+    inline: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    base: str | Path | None = None,
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """The ``(source, mapping)`` layers :func:`load_experiment` merges, in order (without the
+    override files and inline values: a grid's own layers, model/config/recipe.py)."""
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if base is not None:
         layers.append((str(base), load_yaml_file(base)))
@@ -53,8 +68,7 @@ def load_experiment(
     layers += [(name, unflatten(dict(m), name)) for name, m in inline]
     if sets:
         layers.append(("--set", parse_dotlist(sets)))
-    merged, origins = merge_layers(layers)
-    return from_dict(ExperimentConfig, merged, origins)
+    return layers
 
 
 # Knobs added after runs existed, left out of the identity while they hold the value every

@@ -54,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "train": {
             "batch_size": 32,
+            "recipe_world_size": 1,  # one CPU process
             "epochs": 6,  # 750 steps
             "max_steps": None,
             # 2e-3 gets ITM off its plateau sooner in the albef cell, but every cell that adds

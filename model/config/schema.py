@@ -348,8 +348,16 @@ class TrainConfig:
     # Experiment tracking (model/engine/tracking.py): TensorBoard event files in <run>/tb by
     # default; "wandb" is opt-in. Not part of the run's identity.
     log_to: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)
+    # The number of ranks the recipe was written for: the global batch is batch_size x this
+    # (ALBEF: 8 GPUs x 64 = 512). A launch with another world size is refused unless
+    # lr_scaling states the rule: "none" (same learning rates) or "linear" (every learning
+    # rate times global / recipe global batch; model/config/recipe.py).
+    recipe_world_size: int = 8
+    lr_scaling: Literal["refuse", "none", "linear"] = "refuse"
 
     def __post_init__(self) -> None:
+        _check(self.recipe_world_size >= 1, "recipe_world_size",
+               f"must be >= 1, got {self.recipe_world_size}")
         if self.grad_clip is not None:
             _check(0 < self.grad_clip < float("inf"), "grad_clip",
                    f"must be a finite norm > 0 or null (off), got {self.grad_clip}")

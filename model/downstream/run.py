@@ -41,14 +41,12 @@ from model.downstream.losses import vqa_accuracy
 from model.downstream.models import build_task_model
 from model.engine.data import build_tokenizer, resolve_sources
 from model.engine.distributed import barrier, init_distributed
-from model.engine.run_io import append_jsonl, write_json_atomic
+from model.engine.run_io import METRICS, RESULT, append_jsonl, write_json_atomic
 from model.engine.tracking import make_tracker
 from model.engine.train import seed_everything
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-RESULT = "result.json"
 VQA_SUBMISSION = "vqa_result.json"
 TASK_CHECKPOINT = "task_checkpoint.pt"
 

@@ -15,6 +15,8 @@ under a protocol; ``model.cli.evaluate`` is its CLI. The stages of a cell are ru
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +274,21 @@ def _protocol_layers(registry: ProtocolRegistry, name: str, synthetic: bool
         if synthetic:
             layers += [(f"{f} (data.kind = synthetic)", load_yaml_file(f)) for f in p.synthetic]
     return layers
+
+
+def protocol_digest(registry: ProtocolRegistry, name: str) -> str:
+    """What protocol ``name``'s stage does to a cell, as 10 hex characters: the override
+    layers (real and synthetic) and task blocks of every stage on its chain. Part of a grid's
+    fingerprint (model/config/recipe.py); the cell's own config is not in it."""
+    chain = []
+    for stage in registry.chain(name):
+        p = registry.get(stage)
+        chain.append({"name": stage, "train": p.train,
+                      "overrides": [load_yaml_file(f) for f in p.overrides],
+                      "synthetic": [load_yaml_file(f) for f in p.synthetic],
+                      "task": p.task, "task_synthetic": p.task_synthetic})
+    text = json.dumps(chain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
 def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,

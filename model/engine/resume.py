@@ -63,7 +63,8 @@ def _set_rng_state(objective: Objective, state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: dict[str, Any], config_hash: str,
-                    data_position: dict[str, Any] | None = None) -> Path:
+                    data_position: dict[str, Any] | None = None,
+                    world_size: int = 1) -> Path:
     """Write the full checkpoint atomically (tmp file, fsync, rename): a crash or a preemption
     mid-write leaves the previous checkpoint intact. ``data_position``: where the data stream
     continues (for shards: the shard list and each stream's shard and offset)."""
@@ -77,6 +78,7 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
         "config_hash": config_hash,
         "format": "softmask-harness/full/v1",
         "data": data_position,
+        "world_size": world_size,
     }
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
@@ -89,7 +91,8 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
 
 def load_checkpoint(run_dir: str | Path, objective: Objective,
                     optimizer: torch.optim.Optimizer | None, config_hash: str,
-                    shards: list[list[Any]] | None = None) -> TrainState | None:
+                    shards: list[list[Any]] | None = None,
+                    world_size: int | None = None) -> TrainState | None:
     """Resume from ``run_dir``'s checkpoint if there is one; ``None`` otherwise.
 
     A checkpoint written under another config hash is refused (a silently different experiment
@@ -100,6 +103,13 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
     if not path.exists():
         return None
     payload = read_checkpoint(path)  # tensors and plain data only (weights_only)
+    saved_world = payload.get("world_size", 1)
+    if world_size is not None and saved_world != world_size:
+        raise RuntimeError(
+            f"{path} was written by a job with {saved_world} rank(s) but this job has "
+            f"{world_size}: resuming would continue with another global batch (the per-rank "
+            f"batch and the ranks' in-batch negatives are part of the recipe); resume with "
+            f"{saved_world} rank(s) or start a new run directory")
     if payload.get("config_hash") != config_hash:
         raise RuntimeError(
             f"{path} was written by config {payload.get('config_hash')} but this run's config "

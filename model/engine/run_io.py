@@ -13,10 +13,9 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from model.atomic import write_text_atomic
 
@@ -83,6 +82,8 @@ def git_revision(repo: Path | None = None) -> tuple[str, bool]:
 
 def environment() -> dict[str, Any]:
     """Software and device facts recorded with every run and benchmark."""
+    import torch  # here: readers of run directories (results/, the status view) need no torch
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -113,12 +114,70 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def run_status(run_dir: Path) -> str:
-    """done / failed / running (a run dir without a terminal marker) / missing."""
-    if not run_dir.exists():
-        return "missing"
-    if (run_dir / DONE).exists():
-        return "done"
+# The run verdicts, and the one precedence rule every reader uses (read_run).
+STATUSES = ("done", "diverged", "failed", "running", "missing")
+# The divergence guard's FAILED text starts with this (model/engine/guard.py Diverged).
+DIVERGED_PREFIX = "Diverged:"
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """What a run directory says, read once by the grid, the status view, results collection
+    and the downstream stages.
+
+    ``status``: ``missing`` (no directory); ``failed`` or ``diverged`` when a ``FAILED`` marker
+    exists (it wins over ``DONE``: a run marked failed is never counted; the divergence
+    guard's marker is ``diverged``); ``done`` or ``diverged`` (a finite blow-up) when ``DONE``
+    exists with a finished ``result.json`` (``DONE`` without one is ``failed``); else
+    ``running`` (started, no terminal marker). ``finished``: the run needs no more work (a
+    finite blow-up would only blow up again).
+    """
+
+    status: str
+    detail: str = ""
+    result: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _first_line(path: Path, default: str) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[0][:300] if lines else default
+
+
+def read_run(run_dir: str | Path) -> RunVerdict:
+    """The verdict on one run directory (see :class:`RunVerdict`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return RunVerdict("missing", "no run directory")
+    meta = (_json_object(run_dir / META) if (run_dir / META).exists() else None) or {}
     if (run_dir / FAILED).exists():
-        return "failed"
-    return "running"
+        detail = _first_line(run_dir / FAILED, f"{FAILED} marker")
+        return RunVerdict("diverged" if detail.startswith(DIVERGED_PREFIX) else "failed",
+                          detail, meta=meta)
+    if not (run_dir / DONE).exists():
+        return RunVerdict("running", "no terminal marker", meta=meta)
+    result = _json_object(run_dir / RESULT) if (run_dir / RESULT).exists() else None
+    if result is None:
+        why = f"{RESULT} is unreadable" if (run_dir / RESULT).exists() else f"no {RESULT}"
+        return RunVerdict("failed", f"{DONE} marker but {why}", meta=meta)
+    if result.get("status") == "diverged":
+        reason = str((result.get("diverged") or {}).get("reason", "finite blow-up"))
+        return RunVerdict("diverged", reason[:300], result, meta, finished=True)
+    if result.get("status", "done") != "done":
+        return RunVerdict("failed", f"{DONE} marker but {RESULT} is not a finished result",
+                          meta=meta)
+    return RunVerdict("done", "", result, meta, finished=True)
+
+
+def run_status(run_dir: Path) -> str:
+    """done / diverged / failed / running / missing (:func:`read_run`)."""
+    return read_run(run_dir).status

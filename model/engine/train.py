@@ -15,9 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.build import build_objective
-from model.config.experiment import experiment_hash, recipe_hash
+from model.config.experiment import recipe_hash
 from model.config.loader import dump_yaml, to_dict
-from model.config.schema import ExperimentConfig, check_world_size
+from model.config.recipe import Launch, launch_for, run_hash, scaled_train
+from model.config.schema import ExperimentConfig, TrainConfig, check_world_size
 from model.engine.data import (
     DataSources,
     TrainData,
@@ -63,6 +64,8 @@ class Trainer:
     state: TrainState
     config_hash: str
     resumed_from: int | None
+    launch: Launch  # world size, global batch and the learning-rate rule in force
+    schedule: TrainConfig  # cfg.train with the launch's learning rates (recipe.scaled_train)
     guard: DivergenceGuard | None = None  # built at the first step (it needs the loss names)
     tracker: Tracker | None = None  # TensorBoard / W&B (rank 0), fed from the logged rows
     saved_step: int | None = None  # global step of the checkpoint on disk, if any
@@ -83,14 +86,15 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
           identity: dict[str, Any] | None = None) -> Trainer:
     """Build data, objective and optimizer; resume from ``run_dir`` if it holds a checkpoint."""
     dist_info = init_distributed(device, cfg.train.dist_timeout_min)
-    check_world_size(cfg, dist_info.world_size)
+    launch = _check_launch(cfg, dist_info.world_size, identity or {}, run_dir)
     seed_everything(cfg.train.seed + dist_info.rank)  # ALBEF seeds with seed + rank
     run_dir.mkdir(parents=True, exist_ok=True)
-    chash = experiment_hash(cfg)
+    chash = run_hash(cfg, dist_info.world_size)
     if dist_info.is_main:  # write-once: a later (even a refused) resume never changes it
         write_meta(run_dir, {"config_hash": chash, "recipe_hash": recipe_hash(cfg),
-                             "world_size": dist_info.world_size,
-                             **(identity or {})})
+                             **(identity or {}), "world_size": dist_info.world_size,
+                             "global_batch": launch.global_batch,
+                             "lr_effective": launch.lr_effective})
     sources = resolve_sources(cfg, dist_info)
     tokenizer = build_tokenizer(sources)
     data = build_train_data(cfg, sources, tokenizer, dist_info)
@@ -98,7 +102,8 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
     _load_initial_weights(cfg, objective)
     objective.to(dist_info.device)
     optimizer = build_optimizer(objective, cfg.train)
-    state = load_checkpoint(run_dir, objective, optimizer, chash, shards=data.shard_list())
+    state = load_checkpoint(run_dir, objective, optimizer, chash, shards=data.shard_list(),
+                            world_size=dist_info.world_size)
     # Written only once the checkpoint (if any) is accepted: a resume refused for a different
     # config hash must leave the run directory describing the checkpoint's experiment.
     if dist_info.is_main:
@@ -112,7 +117,23 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
             objective, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda"
             else None, broadcast_buffers=False)
     return Trainer(cfg, run_dir, dist_info, sources, data, objective, model, optimizer,
-                   state or TrainState(), chash, resumed_from, saved_step=resumed_from)
+                   state or TrainState(), chash, resumed_from, launch,
+                   scaled_train(cfg.train, launch), saved_step=resumed_from)
+
+
+def _check_launch(cfg: ExperimentConfig, world_size: int, identity: dict[str, Any],
+                  run_dir: Path) -> Launch:
+    """The launch shape of this job, refused when it is not the one the run was planned
+    with (e.g. a requeue onto another allocation) or when it changes the recipe's global
+    batch without a stated rule (model/config/recipe.py)."""
+    planned = identity.get("world_size")
+    if planned is not None and int(planned) != world_size:
+        raise RuntimeError(
+            f"{run_dir.name} was planned for {planned} rank(s) (its directory name includes "
+            f"the world size) but this job has {world_size}: the global batch, and with it "
+            f"the recipe, would change; run it with {planned} rank(s) or plan a new run")
+    check_world_size(cfg, world_size)
+    return launch_for(cfg.train, world_size)
 
 
 def _load_initial_weights(cfg: ExperimentConfig, objective: Objective) -> None:
@@ -166,7 +187,8 @@ def _save(tr: Trainer) -> None:
     _check_guard(tr)  # never overwrite the last good checkpoint with a poisoned state
     if tr.dist.is_main:
         save_checkpoint(tr.run_dir, tr.objective, tr.optimizer, tr.state, to_dict(tr.cfg),
-                        tr.config_hash, tr.data.position(tr.state.epoch, tr.state.batch))
+                        tr.config_hash, tr.data.position(tr.state.epoch, tr.state.batch),
+                        world_size=tr.dist.world_size)
     tr.saved_step = tr.state.global_step
 
 
@@ -187,7 +209,7 @@ def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
     wait, window, tick = 0.0, 0, time.perf_counter()
     for batch in tr.data.loader:
         wait += time.perf_counter() - tick
-        lr = lr_at(cfg.train, st.epoch, st.batch)
+        lr = lr_at(tr.schedule, st.epoch, st.batch)
         alpha = alpha_at(cfg.loss.alpha, cfg.loss.alpha_warmup, st.epoch, st.batch, per_epoch)
         set_lr(tr.optimizer, lr)
         out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), alpha,
