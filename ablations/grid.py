@@ -20,6 +20,7 @@ import yaml
 from model.config.experiment import experiment_layers, load_experiment
 from model.config.loader import (
     ConfigError,
+    FieldError,
     from_dict,
     load_yaml_file,
     merge_layers,
@@ -36,6 +37,7 @@ from model.config.recipe import (
 )
 from model.config.schema import ExperimentConfig, TrainConfig
 from model.engine.run_io import run_status
+from model.safe_paths import UnsafePathError, check_inside, name_problem
 from results.recipes import Plan
 from slurm.spec import RunSpec
 
@@ -56,6 +58,16 @@ class CellEntry:
     set: dict[str, Any] = field(default_factory=dict)
     tier: str | None = None
 
+    def __post_init__(self) -> None:
+        twice = sorted({f for f in self.overrides if self.overrides.count(f) > 1})
+        if twice:
+            raise FieldError("overrides", f"lists {twice} more than once (each override file "
+                             f"is one concern; applying it twice is a typo)")
+        bad = [f for f in self.overrides if Path(f).is_absolute() or ".." in Path(f).parts]
+        if bad:
+            raise FieldError("overrides", f"{bad}: override files are named relative to "
+                             f"overrides/ and stay inside it")
+
 
 @dataclass(frozen=True)
 class MatrixFile:
@@ -64,6 +76,21 @@ class MatrixFile:
     base: str | None = None
     seeds: tuple[int, ...] = (0,)
     tier: str = "8gpu"
+
+    def __post_init__(self) -> None:
+        # Grid and cell names become directory and file names (runs/<grid>/<cell>__s..,
+        # results/raw/<grid>.jsonl): nothing may climb out of its folder.
+        if (why := name_problem(self.grid)) is not None:
+            raise FieldError("grid", why)
+        if not self.cells:
+            raise FieldError("cells", "must name at least one cell, e.g. "
+                             "'albef: {overrides: []}'")
+        bad = [why for name in self.cells if (why := name_problem(name)) is not None]
+        if bad:
+            raise FieldError("cells", "; ".join(bad))
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise FieldError("seeds", f"must be a non-empty list of seeds >= 0, got "
+                             f"{list(self.seeds)}")
 
 
 def load_matrix(path: str | Path = MATRIX_FILE) -> MatrixFile:
@@ -174,6 +201,11 @@ def expand(matrix_path: str | Path = MATRIX_FILE, preset: str = "tiny",
             settings = recipe_settings(layers, preset, grid_launch, digests)
             chash = run_hash(cfg, world)
             run_dir = Path(runs_root) / matrix.grid / f"{name}__s{seed}__{chash}"
+            try:  # names are checked above; a symlinked grid folder could still point away
+                check_inside(runs_root, run_dir.parent)
+            except UnsafePathError as exc:
+                errors.append(f"cell '{name}': run directory {exc}")
+                continue
             specs.append(RunSpec(matrix.grid, name, seed, cfg, chash, run_dir, cell_tier,
                                  preset, (matrix_path.parent / PROTOCOLS_NAME).resolve(),
                                  world_size=world, fingerprint=fingerprint(settings),

@@ -105,12 +105,15 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
                                       m.allow_download)
         errors += [f"cell '{s.cell}': {p}" for p in sources
                    if f"cell '{s.cell}': {p}" not in errors]
+        errors += [f"cell '{s.cell}': {p}" for p in check_vocab(s.config)
+                   if f"cell '{s.cell}': {p}" not in errors]
         key = (d.kind, d.train_files, d.image_root, d.eval_file, d.format, d.shards.index)
         if d.kind == "synthetic" or key in seen:
             continue
         seen.add(key)
         if d.format == "shards":
-            errors += [f"cell '{s.cell}': {e}" for e in check_shards(d.shards.index)]
+            errors += [f"cell '{s.cell}': {e}" for e in
+                       check_shards(d.shards.index, d.shards.allow_pipe, decode_sample != 0)]
         files = [Path(f) for f in d.train_files] + ([Path(d.eval_file)] if d.eval_file else [])
         missing = [f for f in files if not f.is_file()]
         errors += [f"cell '{s.cell}': data file not found: {f} (data.train_files / "
@@ -125,18 +128,74 @@ def check_data(specs: Sequence[RunSpec], decode_sample: int | None) -> list[str]
     return errors
 
 
-def check_shards(index: str) -> list[str]:
-    """The shard index parses and every local shard it lists exists (remote ones are opened
-    by the job)."""
-    from model.data.shards import ShardError, is_local, read_shard_index
+def check_vocab(cfg) -> list[str]:
+    """A set model.text.vocab_size must equal the tokenizer's (MLM draws token ids from it)."""
+    from model.engine.data import tokenizer_vocab_size
+
+    wanted = cfg.model.text.vocab_size
+    if wanted is None:
+        return []
+    have = tokenizer_vocab_size(cfg)
+    if have is None and cfg.data.kind == "synthetic":
+        return [f"model.text.vocab_size={wanted}: data.kind=synthetic builds its vocabulary "
+                f"when the data is generated, so the size cannot be checked yet; set "
+                f"model.text.vocab_size=null to follow the tokenizer (the tiny preset does)"]
+    if have is not None and have != wanted:
+        return [f"model.text.vocab_size={wanted} but the tokenizer ({cfg.data.tokenizer}) has "
+                f"{have} tokens; set it to {have} or null (follow the tokenizer)"]
+    return []
+
+
+def check_shards(index: str, allow_pipe: bool = False, count: bool = True) -> list[str]:
+    """The shard index parses (``pipe:`` commands only when allowed, and then listed), every
+    local shard it lists exists and, with ``count``, its tar headers hold the number of
+    samples the index claims (members counted, nothing decoded; remote shards are opened by
+    the job)."""
+    from model.data.shards import PIPE, ShardError, is_local, read_shard_index, tar_sample_count
 
     try:
-        shards = read_shard_index(index)
+        shards = read_shard_index(index, allow_pipe)
     except ShardError as err:
         return [str(err)]
-    missing = [u for u in shards.urls if is_local(u) and not Path(u).is_file()]
-    return [f"shard index {index}: {len(missing)} of {len(shards.urls)} shards not found, "
-            f"e.g. {missing[0]}"] if missing else []
+    commands = [u for u in shards.urls if u.startswith(PIPE)]
+    if commands:
+        print(f"shard index {index}: {len(commands)} shell command(s) every node will run "
+              f"(data.shards.allow_pipe=true), e.g. {commands[0][len(PIPE):]!r}")
+    local = [(u, n) for u, n in zip(shards.urls, shards.counts, strict=True) if is_local(u)]
+    missing = [u for u, _ in local if not Path(u).is_file()]
+    if missing:
+        return [f"shard index {index}: {len(missing)} of {len(shards.urls)} shards not found, "
+                f"e.g. {missing[0]}"]
+    errors = []
+    for url, claimed in local if count else []:
+        try:
+            held = tar_sample_count(url)
+        except ShardError as err:
+            errors.append(f"shard index {index}: {err}")
+            continue
+        if held != claimed:
+            errors.append(f"shard index {index}: {url} holds {held} sample(s) but the index "
+                          f"says {claimed} (nsamples); rebuild the index with python -m "
+                          f"model.cli.prepare shard-index")
+    return errors
+
+
+def check_outputs(args: argparse.Namespace, specs: Sequence[RunSpec]) -> list[str]:
+    """Where runs and results go must be writable directories, and no run folder may hold a
+    symlink where the harness writes its files (model/safe_paths.py)."""
+    from model.engine.run_io import WRITTEN
+    from model.safe_paths import output_dir_problem, symlinks_in
+
+    errors = [f"{flag} {path}: {problem}" for flag, path in
+              (("--runs-root", args.runs_root), ("--results-out", args.results_out))
+              if (problem := output_dir_problem(path)) is not None]
+    for s in specs:
+        planted = symlinks_in(s.run_dir, WRITTEN) if s.run_dir.is_dir() else []
+        if planted:
+            errors.append(f"run folder {s.run_dir}: {', '.join(planted)} is a symlink; the "
+                          f"harness writes these files itself and never through links: remove "
+                          f"them")
+    return errors
 
 
 def check_tiers(specs: Sequence[RunSpec], override: str | None) -> list[str]:
@@ -302,7 +361,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], list[str]]:
     specs = expand(args.matrix, args.preset, seeds, args.only, list(args.sets), args.runs_root,
                    tier=args.tier)
     skip_data = args.collect_only or args.status or args.preflight_dist
-    errors = [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
+    errors = check_outputs(args, specs)
+    errors += [] if skip_data else check_data(specs, None if not args.no_preflight else 0)
     # Every tier of the plan must load: its world size is part of the runs' identity.
     errors += check_tiers(specs, args.tier)
     if args.cluster == "slurm" and not (args.collect_only or args.status):

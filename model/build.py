@@ -81,8 +81,8 @@ def build_objective(cfg: ExperimentConfig, special: SpecialIds, seed: int | None
     """
     settings = objective_settings(cfg)
     if student is None:
-        student = build_albef(cfg.model, special.vocab_size, special.pad,
-                              with_mlm=settings.mlm_weight > 0)
+        student = build_albef(cfg.model, resolve_vocab_size(cfg.model, special.vocab_size),
+                              special.pad, with_mlm=settings.mlm_weight > 0)
     teacher = make_momentum_twin(student)
     queue = FeatureQueue(cfg.model.embed_dim, cfg.model.queue_size)
     return Objective(student, teacher, queue, special, settings,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from model.safe_paths import name_problem, output_dir_problem
 from results.collect import (
     CURVE_COLUMNS,
     RawFileError,
@@ -223,9 +224,26 @@ def regenerate(output: Output, specs: Specs, paper_path: Path, cells: list[str])
     return written
 
 
+def output_problems(args: argparse.Namespace) -> list[str]:
+    """Bad output folders and grid names, found before anything is read or written."""
+    problems = []
+    if args.grid is not None and (why := name_problem(args.grid)) is not None:
+        problems.append(f"--grid: {why}")
+    outs = [("--out", args.out)] + ([("--raw-dir", args.raw_dir)]
+                                    if args.runs and not args.no_raw else [])
+    problems += [f"{flag} {path}: {why}" for flag, path in outs
+                 if (why := output_dir_problem(path)) is not None]
+    return problems
+
+
 def run(args: argparse.Namespace, plan: Plan | None = None) -> int:
     """Regenerate as ``args`` say; ``plan``: the grid invocation's recipe and runs
     (ablations/run_grid.py). Returns the process exit status."""
+    problems = output_problems(args)
+    if problems:
+        for problem in problems:
+            logger.error("%s", problem)
+        return 2
     try:
         specs = load_specs(args.specs)
         cells = spec_cells(specs)

@@ -39,6 +39,7 @@ def grid_folder(specs: Sequence[RunSpec]) -> Path:
 
 def _record(folder: Path, subs: Sequence[Submission], cluster: str) -> None:
     sha, dirty = git_revision()
+    folder.mkdir(parents=True, exist_ok=True)  # the debug executor creates no folder of its own
     with open(folder / "submissions.jsonl", "a") as fh:
         for s in subs:
             fh.write(json.dumps({

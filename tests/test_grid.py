@@ -104,9 +104,11 @@ def test_dry_run_checks_the_shard_index(capsys, tmp_path: Path) -> None:
     (tmp_path / "shards.json").write_text(
         '{"shardlist": [{"url": "00000.tar", "nsamples": 4}, {"url": "pipe:cat x", '
         '"nsamples": 4}]}')
-    assert run_grid.main([*base, "--set", f"data.shards.index={tmp_path}/shards.json"]) == 2
-    err = capsys.readouterr().err
+    assert run_grid.main([*base, "--set", f"data.shards.index={tmp_path}/shards.json",
+                          "--set", "data.shards.allow_pipe=true"]) == 2
+    out, err = capsys.readouterr()
     assert "1 of 2 shards not found" in err and f"{tmp_path}/00000.tar" in err
+    assert "1 shell command(s) every node will run" in out and "'cat x'" in out
 
 
 def test_dry_run_names_unreadable_weights_tokenizer_and_tiers(capsys, tmp_path: Path,
@@ -176,10 +178,12 @@ def _grid_args(matrix: Path, runs: Path, out: Path, cache: Path, cells: list[str
 def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
                                                      synthetic_cache: Path) -> None:
     matrix = _copy_matrix(tmp_path)
-    # One cell that passes validation but fails at run time: captions longer than the
-    # position table (an index error inside the text embeddings).
+    # One cell that passes validation but fails at run time: its initial checkpoint exists but
+    # is not a checkpoint (read only when the job starts).
+    garbage = tmp_path / "init.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
     matrix.write_text(matrix.read_text() + "  broken: {overrides: [], set: "
-                      "{model.text.max_positions: 4}}\n")
+                      f"{{train.init_from: {garbage}}}}}\n")
     runs, out = tmp_path / "runs", tmp_path / "results"
     rc = run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef", "full", "broken"]))
     text_out = capsys.readouterr().out

@@ -30,6 +30,7 @@ from model.engine.run_io import (
     FAILED,
     METRICS,
     RESULT,
+    WRITTEN,
     append_jsonl,
     late_training_means,
     read_run,
@@ -39,6 +40,7 @@ from model.engine.run_io import (
 from model.engine.run_lock import RunLock
 from model.engine.tracking import make_tracker
 from model.engine.train import train
+from model.safe_paths import UnsafePathError, symlinks_in, write_text_no_follow
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
     if verdict.finished and verdict.result is not None:
         return verdict.result
     run_dir.mkdir(parents=True, exist_ok=True)
+    planted = symlinks_in(run_dir, WRITTEN)
+    if planted:  # before anything is written: the harness never writes through a link
+        raise UnsafePathError(f"{run_dir}: {', '.join(planted)} is a symlink; the harness "
+                              f"writes these files itself and never through links: remove them")
     # One trainer per run: a second job on this directory stops here (RunLocked names the
     # holder) before it touches anything. Rank 0 holds the lock for the whole job.
     lock = RunLock(run_dir) if _launch_rank() == 0 else contextlib.nullcontext()
@@ -66,7 +72,7 @@ def run_cell(cfg: ExperimentConfig, run_dir: str | Path, identity: dict[str, Any
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
             if not isinstance(exc, KeyboardInterrupt | SystemExit):
                 tail = "".join(traceback.format_exception(exc))[-4000:]
-                (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n\n{tail}")
+                write_text_no_follow(run_dir / FAILED, f"{type(exc).__name__}: {exc}\n\n{tail}")
             raise
         finally:
             cleanup_distributed()
@@ -157,5 +163,5 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     if blowup is not None:
         result["diverged"] = {**blowup, "reason": blowup_text(blowup)}
     write_json_atomic(run_dir / RESULT, result)
-    (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    write_text_no_follow(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return result

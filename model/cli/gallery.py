@@ -87,7 +87,12 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
     from model.engine.resume import checkpoint_path, load_objective_weights
 
     run_dir: Path = args.run_dir
-    cfg = _load_config(run_dir, args.sets)
+    from model.config.loader import ConfigError
+
+    try:  # a run folder from someone else: a bad or hostile config.yaml is one line, no code
+        cfg = _load_config(run_dir, args.sets)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     sources = resolve_sources(cfg)
     tokenizer = build_tokenizer(sources)
     objective = build_objective(cfg, special_ids(tokenizer))

@@ -24,7 +24,8 @@ from model.config.schema import ExperimentConfig, ShardDataConfig
 # (model/config/recipe.py run_hash).
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
                 "train.dist_timeout_min", "train.blowup_factor", "model.allow_download",
-                "train.log_to", "train.recipe_world_size", "train.lr_scaling")
+                "train.log_to", "train.recipe_world_size", "train.lr_scaling",
+                "data.shards.allow_pipe")
 
 
 def load_experiment(

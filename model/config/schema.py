@@ -43,10 +43,16 @@ class VisionConfig:
     def __post_init__(self) -> None:
         _check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
         _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
+        _check(self.image_size >= self.patch_size, "image_size",
+               f"must be >= patch_size={self.patch_size} (at least one patch), got "
+               f"{self.image_size}")
         _check(self.image_size % self.patch_size == 0, "image_size",
                f"must be a multiple of patch_size={self.patch_size}, got {self.image_size}")
+        _check(self.width >= self.heads, "width",
+               f"must be >= heads={self.heads} (one channel per head at least), got {self.width}")
         _check(self.width % self.heads == 0, "width",
                f"must be divisible by heads={self.heads}, got {self.width}")
+        _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         _check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
 
     @property
@@ -81,8 +87,21 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+        _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
+        _check(self.hidden >= self.heads, "hidden",
+               f"must be >= heads={self.heads} (one channel per head at least), got "
+               f"{self.hidden}")
         _check(self.hidden % self.heads == 0, "hidden",
                f"must be divisible by heads={self.heads}, got {self.hidden}")
+        _check(self.intermediate >= 1, "intermediate", f"must be >= 1, got {self.intermediate}")
+        # [CLS], one word, [SEP]: the shortest caption a tokenizer produces.
+        _check(self.max_positions >= 3, "max_positions",
+               f"must be >= 3, got {self.max_positions}")
+        if self.vocab_size is not None:
+            # [PAD], [UNK], [CLS], [SEP], [MASK] and at least one word.
+            _check(self.vocab_size >= 6, "vocab_size",
+                   f"must be >= 6 (five special tokens and a word) or null (the tokenizer's), "
+                   f"got {self.vocab_size}")
         _check(self.text_layers >= 1, "text_layers", f"must be >= 1, got {self.text_layers}")
         _check(self.fusion_layers >= 1, "fusion_layers", f"must be >= 1, got {self.fusion_layers}")
         for name in ("hidden_dropout", "attn_dropout"):
@@ -109,6 +128,7 @@ class ModelConfig:
     allow_download: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.embed_dim >= 1, "embed_dim", f"must be >= 1, got {self.embed_dim}")
         _check(self.queue_warmup_steps >= 0, "queue_warmup_steps",
                f"must be >= 0, got {self.queue_warmup_steps}")
         _check(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
@@ -223,6 +243,12 @@ class SyntheticDataConfig:
     size_fractions: tuple[float, float] = (0.4, 0.48)
 
     def __post_init__(self) -> None:
+        for name in ("n_train_images", "n_test_images"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.image_size >= 8, "image_size",
+               f"must be >= 8 pixels (two objects must be drawable), got {self.image_size}")
+        _check(0.0 <= self.single_object_fraction <= 1.0, "single_object_fraction",
+               f"must be in [0, 1], got {self.single_object_fraction}")
         _check(all(0.1 <= f <= 0.5 for f in self.size_fractions), "size_fractions",
                f"each must be in [0.1, 0.5] (two objects share the image), got "
                f"{self.size_fractions}")
@@ -248,6 +274,9 @@ class ShardDataConfig:
     samples_per_epoch: int | None = None
     # Synthetic data only: samples per generated shard.
     synthetic_maxcount: int = 500
+    # ``pipe:`` URLs in the index run a shell command on every node (webdataset's gopen): refused
+    # unless this is true (the dry run lists the commands). Not part of the run's identity.
+    allow_pipe: bool = False
 
     def __post_init__(self) -> None:
         _check(self.streams_per_rank >= 1, "streams_per_rank",
@@ -289,6 +318,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
+        _check(self.eval_max_tokens >= 2, "eval_max_tokens",
+               f"must be >= 2, got {self.eval_max_tokens}")
+        _check(self.max_words >= 1, "max_words", f"must be >= 1, got {self.max_words}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         if self.crop_min_scale is not None:
             _check(0.0 < self.crop_min_scale <= 1.0, "crop_min_scale",
@@ -445,6 +477,13 @@ class ExperimentConfig:
             _check(self.train.mode == "pretrain", "data",
                    "data.format = shards streams pre-training samples; train.mode = retrieval "
                    "needs the caption files (data.format = json)")
+        longest = max(self.data.max_tokens, self.data.eval_max_tokens)
+        # Every tokenized caption ([CLS] ... [SEP], cut at data.max_tokens in training and
+        # data.eval_max_tokens in evaluation) needs a position embedding.
+        _check(self.model.text.max_positions >= longest, "model",
+               f"model.text.max_positions={self.model.text.max_positions} must be >= the "
+               f"longest tokenized caption, max(data.max_tokens, data.eval_max_tokens) = "
+               f"{longest}")
 
     @property
     def gradcam_bert_layer(self) -> int:

@@ -7,6 +7,7 @@ written atomically, and every error names the file and the element or line.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -165,8 +166,34 @@ def iter_json_array(path: Path, what: str = "JSON list") -> Iterator[Any]:
             message names the file and the element index.
     """
     require_file(path, what)
-    with path.open(encoding="utf-8-sig") as fh:
-        yield from _ArrayStream(fh, path)
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            yield from _ArrayStream(fh, path)
+    except UnicodeDecodeError as err:
+        offset, bad = first_invalid_utf8(path)
+        raise DataFileError(f"{what} {path}: not UTF-8 text: invalid byte {bad} at byte offset "
+                            f"{offset} ({err.reason}); caption and annotation files must be "
+                            f"UTF-8 (re-encode it, e.g. iconv -f latin1 -t utf-8)") from err
+
+
+def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(byte offset, the byte in hex) of the first byte of ``path`` that is not valid UTF-8;
+    (-1, "") when the whole file decodes."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            pending = decoder.getstate()[0]  # an incomplete sequence from the previous chunk
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                start = offset - len(pending) + err.start
+                raw = (pending + data)[err.start:err.start + 1]
+                return start, f"0x{raw.hex()}"
+            if not data:
+                return -1, ""
+            offset += len(data)
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:

@@ -6,8 +6,10 @@ Layout. A shard is a tar file of samples ``<key>.jpg|jpeg|png|webp`` with ``<key
 ``python -m model.cli.prepare shards`` converts an ALBEF caption file. An index lists the
 shards and their sample counts, ``{"shardlist": [{"url": "00000.tar", "nsamples": 10000}, ...]}``
 (the shard list of webdataset's ``wids`` index format); relative URLs are resolved against the
-index's folder, and anything webdataset's ``gopen`` opens may be listed (a path, ``pipe:`` a
-command such as ``aws s3 cp s3://bucket/00000.tar -``, http).
+index's folder, and anything webdataset's ``gopen`` opens may be listed (a path, http(s), or,
+only with ``data.shards.allow_pipe: true``, a ``pipe:`` shell command such as
+``pipe:aws s3 cp s3://bucket/00000.tar -``: an index received with a dataset must not run
+programs on every node unless its user says so).
 
 Streams. Every rank reads ``P = data.shards.streams_per_rank`` independent streams; its k-th
 batch of an epoch is the next batch of stream ``k mod P``. A DataLoader hands out an iterable
@@ -44,6 +46,7 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +107,18 @@ def _resolve_url(url: str, base: Path) -> str:
     return str(base / url)
 
 
-def read_shard_index(path: str | Path) -> ShardIndex:
+PIPE = "pipe:"
+
+
+def read_shard_index(path: str | Path, allow_pipe: bool = False) -> ShardIndex:
     """Read and validate a shard index; errors name the file and the entry.
 
+    ``allow_pipe``: ``pipe:`` URLs run a shell command (webdataset's gopen) and are refused
+    unless allowed (``data.shards.allow_pipe``).
+
     Raises:
-        ShardError: missing file, malformed JSON, or an entry without a URL or a positive count.
+        ShardError: missing file, malformed JSON, an entry without a URL or a positive count,
+            or a ``pipe:`` URL that is not allowed.
     """
     path = Path(path)
     if not path.is_file():
@@ -130,6 +140,10 @@ def read_shard_index(path: str | Path) -> ShardIndex:
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ShardError(f"shard index {path}: shardlist[{i}] ({url}): 'nsamples' must be a "
                              f"positive integer, got {n!r}")
+        if url.startswith(PIPE) and not allow_pipe:
+            raise ShardError(f"shard index {path}: shardlist[{i}] is a shell command "
+                             f"({url!r}), which every node would run; set "
+                             f"data.shards.allow_pipe=true only for an index you trust")
         urls.append(_resolve_url(url, path.parent))
         listed.append(url)
         counts.append(n)
@@ -159,6 +173,25 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else (
             err.args[0] if err.args else "")
         raise ShardError(f"shard {url} cannot be read: {type(err).__name__}: {reason}") from err
+
+
+def tar_sample_count(path: str | Path) -> int:
+    """Samples in a local tar shard from its member headers alone (nothing is decoded): the
+    distinct keys, i.e. member names up to their first dot, as webdataset groups them.
+
+    Raises:
+        ShardError: the file is not a readable tar archive (names the file).
+    """
+    def key(name: str) -> str:
+        folder, _, base = name.rpartition("/")
+        return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            keys = {key(m.name) for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardError(f"shard {path} is not a readable tar archive: {err}") from err
+    return len(keys)
 
 
 def count_samples(url: str) -> int:

@@ -46,6 +46,20 @@ def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
                          single_object_fraction=s.single_object_fraction)
 
 
+def tokenizer_vocab_size(cfg: ExperimentConfig) -> int | None:
+    """The vocabulary size the run's tokenizer will have, without writing anything: the
+    generated vocabulary of synthetic data when its cache exists, a local BERT tokenizer's;
+    None when it cannot be known before the job runs."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        vocab = Path(d.cache_dir) / f"synthetic_{synthetic_spec(cfg).hash()}" / "vocab.txt"
+        return len(vocab.read_text(encoding="utf-8").splitlines()) if vocab.is_file() else None
+    try:
+        return TextTokenizer.from_pretrained(d.tokenizer, local_files_only=True).vocab_size
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_sources(cfg: ExperimentConfig, dist_info: DistInfo | None = None) -> DataSources:
     """Generate (rank 0 first, cached on disk) or locate the data named by the config."""
     d = cfg.data
@@ -161,7 +175,8 @@ def build_train_data(cfg: ExperimentConfig, sources: DataSources, tokenizer: Tex
     shard stream (``data.format = shards``), which splits and resumes itself."""
     if sources.shard_index is not None:
         sh = cfg.data.shards
-        stream = ShardStream(read_shard_index(sources.shard_index), train_transform(cfg),
+        stream = ShardStream(read_shard_index(sources.shard_index, sh.allow_pipe),
+                             train_transform(cfg),
                              batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                              rank=dist_info.rank, world_size=dist_info.world_size,
                              streams_per_rank=sh.streams_per_rank, sampling=sh.sampling,

@@ -81,7 +81,9 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
         "world_size": world_size,
     }
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
+    tmp.unlink(missing_ok=True)  # a file (or a planted symlink) left there is never written through
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(tmp, flags, 0o644), "wb") as fh:
         torch.save(payload, fh)
         fh.flush()
         os.fsync(fh.fileno())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model.atomic import write_text_atomic
+from model.safe_paths import open_no_follow
 
 DONE, FAILED, RESULT, METRICS, META, CONFIG = (
     "DONE", "FAILED", "result.json", "metrics.jsonl", "meta.json", "config.yaml")
@@ -27,12 +28,51 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# Files the harness writes or appends to in a run folder: none of them may be a symlink
+# (checked on entry by run_cell and by the grid's plan; appends open them with O_NOFOLLOW).
+WRITTEN = (META, CONFIG, METRICS, RESULT, DONE, FAILED, ".lock", "checkpoint.pt",
+           "checkpoint.tmp", "tb")
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One line per record; ``flush`` + ``fsync`` so a killed job leaves complete lines only."""
-    with open(path, "a") as fh:
+    """One line per record; ``flush`` + ``fsync`` so a killed job leaves complete lines only.
+    Never through a symlink (model/safe_paths.py)."""
+    with open_no_follow(path) as fh:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def keep_lines_until(path: Path, step: int, keep_step_line: bool = True) -> int:
+    """Rewrite ``metrics.jsonl`` (atomically) for a run resumed from its checkpoint at global
+    ``step``: lines before ``step`` stay, and the training line at ``step`` when
+    ``keep_step_line`` (an uninterrupted run logs that step too); what an interrupted attempt
+    logged after the checkpoint, a line it logged only because it stopped there, and a torn
+    last line go, so the resumed run logs exactly the lines an uninterrupted one does.
+    Returns the number of lines dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            at = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if at < step or (at == step and keep_step_line and record.get("kind") == "train"):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(f"{x}\n" for x in kept))
+    return dropped
+
+
+def first_train_row(path: Path) -> dict[str, Any]:
+    """The first logged training row of ``metrics.jsonl`` ({} if none)."""
+    rows = train_rows(path) if path.exists() else []
+    return rows[0] if rows else {}
 
 
 def late_training_means(path: Path, prefix: str, total_steps: int,

@@ -34,13 +34,17 @@ class Tracker:
 
     def __init__(self, run_dir: Path, backends: Sequence[str],
                  identity: Mapping[str, Any] | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 config: Mapping[str, Any] | None = None,
+                 purge_step: int | None = None) -> None:
         self.writers: list[Any] = []
         self._wandb = None
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writers.append(SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR)))
+            # A resumed run drops the events an interrupted attempt wrote after its checkpoint,
+            # as metrics.jsonl drops those lines (run_io.keep_lines_until).
+            self.writers.append(SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR),
+                                              purge_step=purge_step))
         if "wandb" in backends:
             self._wandb = _init_wandb(Path(run_dir), identity or {}, config or {})
 
@@ -78,6 +82,8 @@ def _init_wandb(run_dir: Path, identity: Mapping[str, Any], config: Mapping[str,
 
 def make_tracker(run_dir: Path, backends: Sequence[str], is_main: bool,
                  identity: Mapping[str, Any] | None = None,
-                 config: Mapping[str, Any] | None = None) -> Tracker:
-    """The run's tracker on rank 0; every other rank gets a silent one."""
-    return Tracker(run_dir, backends if is_main else (), identity, config)
+                 config: Mapping[str, Any] | None = None,
+                 purge_step: int | None = None) -> Tracker:
+    """The run's tracker on rank 0; every other rank gets a silent one. ``purge_step``: a
+    resumed run's first step (TensorBoard events from there on are dropped)."""
+    return Tracker(run_dir, backends if is_main else (), identity, config, purge_step)

@@ -31,7 +31,14 @@ from model.engine.distributed import DistInfo, init_distributed
 from model.engine.guard import DivergenceGuard
 from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
 from model.engine.resume import TrainState, checkpoint_path, load_checkpoint, save_checkpoint
-from model.engine.run_io import CONFIG, METRICS, append_jsonl, write_meta
+from model.engine.run_io import (
+    CONFIG,
+    METRICS,
+    append_jsonl,
+    first_train_row,
+    keep_lines_until,
+    write_meta,
+)
 from model.engine.step import move_batch, train_step
 from model.engine.tracking import Tracker, make_tracker
 from model.objective import Objective, StepOutput
@@ -242,11 +249,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, device: str | None = None,
           progress: bool = True) -> tuple[TrainSummary, Trainer]:
     """Train (or resume) ``cfg`` in ``run_dir``; returns the summary and the trainer state."""
     tr = setup(cfg, Path(run_dir), device, identity)
+    resumed = tr.resumed_from
+    if resumed is not None and tr.dist.is_main:
+        # What an interrupted attempt logged after its checkpoint is logged again now; the line
+        # at the checkpoint's step stays only if an uninterrupted run logs that step too.
+        logged = resumed % cfg.train.log_every == 0 or resumed in (1, tr.total_steps)
+        keep_lines_until(tr.run_dir / METRICS, resumed, keep_step_line=logged)
     tr.tracker = make_tracker(tr.run_dir, cfg.train.log_to, tr.dist.is_main, identity,
-                              to_dict(cfg))
+                              to_dict(cfg), purge_step=None if resumed is None else resumed + 1)
     tr.model.train()
     total = tr.total_steps
     summary = TrainSummary(tr.run_dir, tr.state.global_step, tr.resumed_from)
+    if resumed is not None:  # the run's first logged row, as an uninterrupted run has it
+        summary.first_losses = first_train_row(tr.run_dir / METRICS)
     t0 = time.time()
     bar = tqdm(total=total, initial=tr.state.global_step, disable=not (progress and
                tr.dist.is_main), desc=f"train {tr.run_dir.name}", dynamic_ncols=True)
