@@ -10,6 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def wide(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is in a narrower type (bf16 autocast), else unchanged: losses
+    and similarities are reduced in float32 under mixed precision, and float64 stays float64
+    (the float64 checks against the official code run the same code path)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def soft_targets(teacher_logits: Tensor, hard_targets: Tensor, alpha: float) -> Tensor:
     """q = alpha * softmax(teacher) + (1 - alpha) * y  (ALBEF momentum distillation, §2.1)."""
     return alpha * F.softmax(teacher_logits, dim=1) + (1.0 - alpha) * hard_targets
@@ -60,7 +67,7 @@ def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | 
     labels = [torch.ones(pos_logits.shape[0], **kw), torch.zeros(neg_logits.shape[0], **kw)]
     if extra_pos_logits is not None:
         labels.append(torch.ones(extra_pos_logits.shape[0], **kw))
-    return F.cross_entropy(torch.cat(parts).float(), torch.cat(labels))
+    return F.cross_entropy(wide(torch.cat(parts)), torch.cat(labels))
 
 
 @torch.no_grad()
@@ -83,7 +90,7 @@ def itm_pair_stats(pos_logits: Tensor, neg_logits: Tensor,
         groups["masked"] = (extra_pos_logits, 1)
     stats: dict[str, Tensor] = {}
     for name, (logits, label) in groups.items():
-        logits = logits.float()
+        logits = wide(logits)
         target = torch.full((logits.shape[0],), label, dtype=torch.long, device=logits.device)
         stats[f"itm/{name}_loss"] = F.cross_entropy(logits, target)
         stats[f"itm/{name}_acc"] = (logits.argmax(dim=1) == label).float().mean()
@@ -105,9 +112,9 @@ def mlm_loss(
     logits, teacher_logits: (M, V) at the M masked positions only (the unmasked ones carry no
     loss, so their vocabulary projection is never computed); labels: (M,).
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(wide(logits), dim=-1)
     ce = F.nll_loss(log_p, labels)
     if teacher_logits is None or alpha == 0.0:
         return ce
-    kd = -(F.softmax(teacher_logits.float(), dim=-1) * log_p).sum(dim=-1).mean()
+    kd = -(F.softmax(wide(teacher_logits), dim=-1) * log_p).sum(dim=-1).mean()
     return (1.0 - alpha) * ce + alpha * kd

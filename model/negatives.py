@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.losses import wide
+
 
 @torch.no_grad()
 def negative_weights(sim_batch: Tensor, idx: Tensor | None = None,
@@ -19,7 +21,7 @@ def negative_weights(sim_batch: Tensor, idx: Tensor | None = None,
     values in between are the tiny preset's curriculum (``loss.itm_neg_ramp``).
     """
     # Scaling by exactly 1.0 leaves every logit bit-identical: ALBEF's weights.
-    weights = F.softmax(sim_batch.float() * hardness, dim=1)
+    weights = F.softmax(wide(sim_batch) * hardness, dim=1)
     # A diverged step (non-finite similarities) must not crash the sampler before the
     # divergence guard reports it: such rows fall back to uniform weights. Finite rows are
     # unchanged (the selection is exact), and nothing is read back to the host.

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from model.albef import ALBEF, ImageOutput, TextOutput
-from model.losses import itc_loss, itm_loss, itm_pair_stats, mlm_loss, soft_targets
+from model.losses import itc_loss, itm_loss, itm_pair_stats, mlm_loss, soft_targets, wide
 from model.method.gradcam import gradcam_maps
 from model.method.softmask import (
     apply_patch_mask,
@@ -144,14 +144,14 @@ class Objective(nn.Module):
              idx: Tensor | None, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
         """ALBEF §2.1: online features vs momentum keys (batch then queue), distilled targets."""
         temp = self.student.temp
-        image_keys = torch.cat([t_img.feat.T.float(), self.queue.image_queue.clone()], dim=1)
-        text_keys = torch.cat([t_txt.feat.T.float(), self.queue.text_queue.clone()], dim=1)
-        sim_i2t = img.feat.float() @ text_keys / temp
-        sim_t2i = txt.feat.float() @ image_keys / temp
+        image_keys = torch.cat([wide(t_img.feat.T), self.queue.image_queue.clone()], dim=1)
+        text_keys = torch.cat([wide(t_txt.feat.T), self.queue.text_queue.clone()], dim=1)
+        sim_i2t = wide(img.feat) @ text_keys / temp
+        sim_t2i = wide(txt.feat) @ image_keys / temp
         with torch.no_grad():
             hard = self._itc_hard_targets(sim_i2t, idx)
-            q_i2t = soft_targets(t_img.feat.float() @ text_keys / temp, hard, alpha)
-            q_t2i = soft_targets(t_txt.feat.float() @ image_keys / temp, hard, alpha)
+            q_i2t = soft_targets(wide(t_img.feat) @ text_keys / temp, hard, alpha)
+            q_t2i = soft_targets(wide(t_txt.feat) @ image_keys / temp, hard, alpha)
         loss = itc_loss(sim_i2t, sim_t2i, q_i2t, q_t2i,
                         self.settings.focal_gamma, self.settings.focal_detach)
         return loss, sim_i2t, sim_t2i
