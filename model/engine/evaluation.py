@@ -12,6 +12,7 @@ from model.data.transforms import build_transform
 from model.engine.compositional import compositional_accuracy, load_negative_items
 from model.engine.data import build_eval_dataset, build_tokenizer
 from model.engine.localisation import load_box_items, localisation_scores
+from model.engine.occlusion import occlusion_scores
 from model.engine.resume import checkpoint_path
 from model.engine.retrieval import evaluate_retrieval
 from model.engine.train import Trainer
@@ -45,10 +46,14 @@ def evaluate_trained(tr: Trainer) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(compositional_accuracy(student, items, test_view, tr.sources.image_root,
                                               tokenizer, device, cfg.eval.batch_size))
     if tr.sources.boxes_file is not None:
+        boxes = load_box_items(tr.sources.boxes_file)
         metrics.update(localisation_scores(
-            student, load_box_items(tr.sources.boxes_file), test_view, tr.sources.image_root,
-            tokenizer, device, cfg.softmask.layer, cfg.model.vision.patch_size,
-            cfg.eval.batch_size))
+            student, boxes, test_view, tr.sources.image_root, tokenizer, device,
+            cfg.softmask.layer, cfg.model.vision.patch_size, cfg.eval.batch_size))
+        metrics.update(occlusion_scores(
+            student, boxes, test_view, tr.sources.image_root, tokenizer, device,
+            cfg.eval.k_test, dataset.texts, dataset.img2txt,
+            {path: i for i, path in enumerate(dataset.image_paths)}, cfg.eval.batch_size))
     provenance = {
         **report.provenance,
         "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_hash,
