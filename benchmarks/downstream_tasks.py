@@ -34,6 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from results.render import latex_escape, latex_symbols, write_files  # noqa: E402
+
 TASK_PROTOCOLS = ("snli_ve", "nlvr2", "vqa")
 # Our split name -> the paper column it stands in for.
 COLUMNS = {("snli_ve", "val"): "SNLI-VE val", ("snli_ve", "test"): "SNLI-VE test",
@@ -225,7 +227,7 @@ def caption(runs: list[dict[str, Any]]) -> str:
         "test-dev). Not comparable with the paper's numbers. Question-only prior: the most "
         "frequent training label of the identical text, no image (test split); with chance it "
         "says how much of ours needs the image. Training examples: "
-        + ", ".join(f"{k} {v}" for k, v in train.items()) + ".")
+        + ", ".join(f"{k} {v}" for k, v in sorted(train.items())) + ".")
 
 
 def write_outputs(frame: pd.DataFrame, runs: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -235,15 +237,15 @@ def write_outputs(frame: pd.DataFrame, runs: list[dict[str, Any]], out: Path) ->
     text = caption(runs)
     md = ["### Other downstream tasks (generated)", "",
           flat.to_markdown(disable_numparse=True), "", text, ""]
-    (out / "other_downstream.md").write_text("\n".join(md))
-    flat.to_csv(out / "other_downstream.csv")
-    tex = flat.to_latex(caption=text.replace("%", "\\%").replace("±", "$\\pm$"),
-                        label="tab:other_downstream").replace("±", "$\\pm$")
-    (out / "other_downstream.tex").write_text(tex)
+    # Cells hold numbers and "±" only; the caption is free text (underscores, %, quotes).
+    tex = latex_symbols(flat.to_latex(caption=latex_escape(text), label="tab:other_downstream"))
+    write_files({out / "other_downstream.md": "\n".join(md),
+                 out / "other_downstream.csv": flat.to_csv(),
+                 out / "other_downstream.tex": tex})
     _plot(runs, out / "other_downstream.png")
     root = str(Path.cwd())
-    (out / "raw.json").write_text(json.dumps(_relative(runs, root), indent=1, sort_keys=True)
-                                  + "\n")
+    write_files({out / "raw.json": json.dumps(_relative(runs, root), indent=1, sort_keys=True)
+                 + "\n"})
     return [out / f"other_downstream.{e}" for e in ("md", "csv", "tex", "png")]
 
 
@@ -287,11 +289,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--matrix", default="ablations/matrix.yaml")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="results/downstream")
+    parser.add_argument("--from-raw", action="store_true",
+                        help="re-render the table from <out>/raw.json without training")
     args = parser.parse_args(argv)
-    jobs = [(c, s) for c in args.cells for s in args.seeds]
-    with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(jobs)))) as pool:
-        futures = [pool.submit(_run_cell, c, s, args.matrix, args.protocols) for c, s in jobs]
-        runs = [f.result() for f in futures]
+    if args.from_raw:
+        runs = json.loads((Path(args.out) / "raw.json").read_text())
+    else:
+        jobs = [(c, s) for c in args.cells for s in args.seeds]
+        with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(jobs)))) as pool:
+            futures = [pool.submit(_run_cell, c, s, args.matrix, args.protocols)
+                       for c, s in jobs]
+            runs = [f.result() for f in futures]
     frame = build_table(runs)
     for path in write_outputs(frame, runs, Path(args.out)):
         print(f"wrote {path}")

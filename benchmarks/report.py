@@ -18,6 +18,7 @@ import pandas as pd
 from benchmarks.cases import REFERENCE, Suite, load_suite
 from benchmarks.measure import ratio
 from model.atomic import write_text_atomic
+from results.render import latex_escape
 
 MAIN_ROWS = ("albef", "ours_wo_softmask", "ours")
 
@@ -72,17 +73,6 @@ def cost_table(rows: pd.DataFrame, paper: dict[str, Any]) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-# LaTeX specials and their text-mode form (Styler escapes cells, not captions).
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}"}
-
-
-def _latex_text(text: str) -> str:
-    """Escape LaTeX specials in a caption, one character at a time (no double escaping)."""
-    return "".join(_LATEX_ESCAPES.get(char, char) for char in text)
-
-
 def render_markdown(table: pd.DataFrame, formats: dict[str, str], caption: str) -> str:
     """Markdown via DataFrame.to_markdown; missing values show as an em dash."""
     floatfmt = [formats.get(c) or "g" for c in table.columns]
@@ -99,7 +89,7 @@ def render_latex(table: pd.DataFrame, formats: dict[str, str], caption: str, lab
     text_cols = [c for c in table.columns if table[c].dtype == object]
     styler = styler.format(escape="latex", subset=text_cols, na_rep="---")
     styler = styler.format_index(escape="latex", axis="columns")
-    return styler.to_latex(caption=_latex_text(caption), label=label, hrules=True,
+    return styler.to_latex(caption=latex_escape(caption), label=label, hrules=True,
                            position="htbp", position_float="centering") + "\n"
 
 

@@ -29,31 +29,14 @@ from results.recipes import (
     recipes_in,
     split_by_recipe,
 )
+from results.render import CHECK, DASH, latex_escape, latex_symbols, write_files
 
 logger = logging.getLogger(__name__)
 
 SPECS_PATH = Path(__file__).with_name("table_specs.yaml")
 PAPER_PATH = Path(__file__).with_name("paper_numbers.yaml")
-DASH = "—"
-CHECK = "✓"
 SIG_MARK = "*"
 SIG_LEVEL = 0.05
-# Unicode used in display strings and its LaTeX form (applied after pandas' LaTeX escaping).
-_LATEX_SYMBOLS = {"±": r"$\pm$", DASH: "---", CHECK: r"\checkmark", "Δ": r"$\Delta$"}
-_LATEX_SPECIALS = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
 @dataclass(frozen=True)
 class RowSpec:
     """One table row: the run cell it reads, its display label and its checkmarks."""
@@ -452,23 +435,11 @@ def to_markdown(shown: pd.DataFrame, mask: pd.DataFrame, caption: str) -> str:
     return f"*{caption}*\n\n{table}\n"
 
 
-def _latex_symbols(text: str) -> str:
-    """Replace the unicode symbols of our display strings by LaTeX (after escaping)."""
-    for symbol, latex in _LATEX_SYMBOLS.items():
-        text = text.replace(symbol, latex)
-    return text
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX specials in free text (used for the caption)."""
-    return _latex_symbols("".join(_LATEX_SPECIALS.get(ch, ch) for ch in text))
-
-
 def to_latex(shown: pd.DataFrame, mask: pd.DataFrame, caption: str, label: str) -> str:
     """LaTeX table via Styler.to_latex (booktabs rules, \\textbf on the best cells)."""
     styler = shown.style.hide(axis="index")
-    styler = styler.format(_latex_symbols, escape="latex")
-    styler = styler.format_index(_latex_symbols, escape="latex", axis=1)
+    styler = styler.format(latex_symbols, escape="latex")
+    styler = styler.format_index(latex_symbols, escape="latex", axis=1)
     styler = styler.apply(lambda _: mask.map(lambda b: "textbf: --rwrap;" if b else ""), axis=None)
     align = "".join("c" if set(shown[c]) <= {CHECK, ""} else "l" for c in shown)
     body = styler.to_latex(
@@ -582,11 +553,9 @@ def write_table(result: TableResult, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = result.spec.name
-    paths = [out_dir / f"{name}.md", out_dir / f"{name}.tex", out_dir / f"{name}.csv"]
-    paths[0].write_text(result.markdown)
-    paths[1].write_text(result.latex)
-    result.summary.to_csv(paths[2], index=False)
-    return paths
+    return write_files({out_dir / f"{name}.md": result.markdown,
+                        out_dir / f"{name}.tex": result.latex,
+                        out_dir / f"{name}.csv": result.summary.to_csv(index=False)})
 
 
 def write_summary(results: dict[str, TableResult], path: Path, paper: PaperNumbers) -> Path:
@@ -598,8 +567,8 @@ def write_summary(results: dict[str, TableResult], path: Path, paper: PaperNumbe
         f'(done/diverged/failed/running/excluded/missing); "{DASH}" means no finished seed.\n'
     )
     plan = seed_plan(results, paper)
-    Path(path).write_text("\n".join(parts) + "\n" + note + (f"\n{plan}" if plan else ""))
-    return Path(path)
+    return write_files({Path(path): "\n".join(parts) + "\n" + note
+                        + (f"\n{plan}" if plan else "")})[0]
 
 
 def seed_plan(results: dict[str, TableResult], paper: PaperNumbers) -> str:
