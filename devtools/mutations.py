@@ -41,6 +41,12 @@ class Mutation:
     old: str
     new: str
     why: str  # what a developer could plausibly have meant, or mistyped
+    # Further (file, old, new) edits of the same bug, where one line is not enough (e.g. a
+    # guarantee the code makes twice).
+    also: tuple[tuple[str, str, str], ...] = ()
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.file, self.old, self.new), *self.also]
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,26 @@ def scratch_copy(dest: Path) -> Path:
     return dest
 
 
+def apply(mutation: Mutation, root: Path) -> dict[Path, str]:
+    """Write the mutation's edits into ``root``; the files' original texts (for restore)."""
+    originals: dict[Path, str] = {}
+    for file, old, new in mutation.edits():
+        path = root / file
+        originals.setdefault(path, path.read_text())
+        text = path.read_text()
+        if text.count(old) != 1:
+            restore(originals)
+            raise ValueError(f"{mutation.name}: the text to mutate occurs {text.count(old)} "
+                             f"times in {file} (expected once): {old!r}")
+        path.write_text(text.replace(old, new))
+    return originals
+
+
+def restore(originals: dict[Path, str]) -> None:
+    for path, text in originals.items():
+        path.write_text(text)
+
+
 def _failed_tests(output: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m.group(1) for m in re.finditer(r"^FAILED (\S+)", output,
                                                                re.MULTILINE)))
@@ -71,13 +97,7 @@ def _failed_tests(output: str) -> tuple[str, ...]:
 def run_one(mutation: Mutation, root: Path, targets: Sequence[str],
             timeout_s: int) -> Outcome:
     """Apply ``mutation`` in ``root``, run ``targets``, restore; caught = some test failed."""
-    path = root / mutation.file
-    original = path.read_text()
-    if original.count(mutation.old) != 1:
-        raise ValueError(f"{mutation.name}: the text to mutate occurs "
-                         f"{original.count(mutation.old)} times in {mutation.file} (expected "
-                         f"once): {mutation.old!r}")
-    path.write_text(original.replace(mutation.old, mutation.new))
+    originals = apply(mutation, root)
     start = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -86,7 +106,7 @@ def run_one(mutation: Mutation, root: Path, targets: Sequence[str],
     except subprocess.TimeoutExpired:
         return Outcome(mutation, True, ("(timed out)",), time.time() - start)
     finally:
-        path.write_text(original)
+        restore(originals)
     failed = _failed_tests(proc.stdout)
     caught = proc.returncode != 0
     return Outcome(mutation, caught, failed or (("(collection error)",) if caught else ()),

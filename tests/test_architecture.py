@@ -13,7 +13,7 @@ ROOMS = ("model", "slurm", "results", "ablations", "benchmarks", "devtools")
 # room -> the project rooms it may import (besides itself). The library is the ground floor.
 ALLOWED = {
     "model": set(),
-    "devtools": set(),
+    "devtools": {"model", "results"},
     "slurm": {"model"},
     "results": {"model"},
     "ablations": {"model", "slurm", "results"},
