@@ -48,10 +48,8 @@ from model.engine.compositional import (  # noqa: E402
     negative_kinds,
 )
 from model.engine.data import build_tokenizer  # noqa: E402
-from model.engine.optim import alpha_at, hardness_at, lr_at, set_lr  # noqa: E402
 from model.engine.retrieval import EVAL_MAX_LENGTH, eval_mode  # noqa: E402
-from model.engine.step import move_batch, train_step  # noqa: E402
-from model.engine.train import Trainer, setup  # noqa: E402
+from model.engine.train import Trainer, run_step, setup  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +136,11 @@ def run_variant(name: str, sets: Sequence[str], preset: str, steps: int, every: 
     probe = Probe(tr, probe_size)
     tr.model.train()
     rows: list[dict[str, Any]] = []
-    per_epoch = tr.data.batches_per_epoch
     while tr.state.global_step < steps:
-        tr.data.set_epoch(tr.state.epoch, start_batch=0)
+        tr.data.set_epoch(tr.state.epoch, start_batch=tr.state.batch)
         for batch in tr.data.loader:
+            out, _ = run_step(tr, batch)  # the trainer's own step: schedule, lr, queue, hardness
             st = tr.state
-            set_lr(tr.optimizer, lr_at(cfg.train, st.epoch, st.batch))
-            out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device),
-                             alpha_at(cfg.loss.alpha, cfg.loss.alpha_warmup, st.epoch, st.batch,
-                                      per_epoch), cfg.train.precision,
-                             enqueue=st.global_step >= cfg.model.queue_warmup_steps,
-                             hardness=hardness_at(cfg.loss.itm_neg_ramp, st.global_step,
-                                                  cfg.loss.itm_neg_hardness))
-            st.batch, st.global_step = st.batch + 1, st.global_step + 1
             if st.global_step % every == 0 or st.global_step == 1:
                 rows.append({"variant": name, "step": st.global_step,
                              "loss/itm": float(out.losses["itm"]),

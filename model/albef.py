@@ -61,6 +61,14 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(text_width, 2) if with_itm_head else None
         self.temp = nn.Parameter(torch.tensor(float(temp))) if with_itm_head else None
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the ViT blocks' and BERT layers' activations in the backward pass instead
+        of keeping them (``train.activation_checkpointing``): less memory, one more forward per
+        layer, the same numbers (tests/test_memory_levers.py). The ViT uses timm's own switch."""
+        self.visual_encoder.set_grad_checkpointing(enabled)
+        self.text_encoder.checkpointing = enabled
+        self.fusion_encoder.checkpointing = enabled
+
     def encode_image(self, images: Tensor) -> ImageOutput:
         """images: (B, 3, H, W) -> ViT tokens and the projected CLS feature."""
         tokens = self.visual_encoder.forward_features(images)

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
@@ -191,6 +192,18 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
+def run_layer(layer: nn.Module, checkpointing: bool, *args: object, **kwargs: object
+              ) -> tuple[Tensor, Tensor | None]:
+    """``layer(*args, **kwargs)``, with activation checkpointing when asked and a gradient is
+    being recorded: the layer's activations are recomputed in the backward pass instead of
+    kept (non-reentrant ``torch.utils.checkpoint``; the RNG state is restored, so dropout draws
+    the same masks). Returned attention probabilities stay differentiable (SoftMask's Grad-CAM
+    takes their gradient)."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return layer(*args, **kwargs)
+
+
 class TextEncoder(nn.Module):
     """Embeddings + the first ``num_layers`` BERT layers (ALBEF ``mode='text'``)."""
 
@@ -199,13 +212,14 @@ class TextEncoder(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(num_layers))
         self.apply(partial(init_bert_weights, std=config.initializer_range))
+        self.checkpointing = False  # train.activation_checkpointing (run_layer)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: (B, L) -> hidden states (B, L, D)."""
         hidden = self.embeddings(input_ids=input_ids)
         mask = extended_mask(attention_mask, hidden.dtype)
         for layer in self.layer:
-            hidden, _ = layer(hidden, mask)
+            hidden, _ = run_layer(layer, self.checkpointing, hidden, mask)
         return hidden
 
 
@@ -226,6 +240,7 @@ class FusionEncoder(nn.Module):
             BertLayer(config, cross_width=image_width) for _ in range(num_layers)
         )
         self.apply(partial(init_bert_weights, std=config.initializer_range))
+        self.checkpointing = False  # train.activation_checkpointing (run_layer)
 
     def image_keys_values(self, image_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every layer's cross-attention keys and values of ``image_tokens`` (B, 1+N, Dv): what
@@ -255,8 +270,9 @@ class FusionEncoder(nn.Module):
         last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
             image = image_tokens[i] if per_layer else image_tokens
-            hidden, probs = layer(hidden, mask, image, need_probs=(i == attn_layer),
-                                  rows=1 if cls_only and i == last else None)
+            hidden, probs = run_layer(layer, self.checkpointing, hidden, mask, image,
+                                      need_probs=(i == attn_layer),
+                                      rows=1 if cls_only and i == last else None)
             if probs is not None:
                 cross_attn = probs
         return FusionOutput(hidden=hidden, cross_attn=cross_attn)

@@ -8,7 +8,7 @@ from model.albef import ALBEF
 from model.bert import FusionEncoder, MLMHead, TextEncoder, make_bert_config
 from model.config.schema import ExperimentConfig, ModelConfig
 from model.momentum import FeatureQueue, make_momentum_twin
-from model.objective import Objective, ObjectiveSettings
+from model.objective import Objective, ObjectiveConfig
 from model.text_masking import SpecialIds
 from model.vit import build_vit
 
@@ -49,27 +49,19 @@ def build_albef(cfg: ModelConfig, vocab_size: int, pad_id: int = 0,
     )
 
 
-def objective_settings(cfg: ExperimentConfig) -> ObjectiveSettings:
-    """Flatten the experiment config into the step's plain settings."""
-    retrieval = cfg.train.mode == "retrieval"
-    mmda = cfg.mmda
-    return ObjectiveSettings(
-        itc_weight=cfg.loss.itc,
-        itm_weight=cfg.loss.itm,
-        mlm_weight=0.0 if retrieval else cfg.loss.mlm,
-        mlm_prob=cfg.loss.mlm_prob,
-        focal_gamma=cfg.loss.focal_gamma,
-        focal_detach=cfg.loss.focal_detach,
-        momentum=cfg.model.momentum,
-        retrieval=retrieval,
-        patch_mask_mode=cfg.softmask.mode,
-        softmask_layer=cfg.softmask.layer,
-        softmask_word=cfg.softmask.word,
-        random_p=cfg.softmask.random_p,
-        softmask_mlm=cfg.softmask.apply_to == "itm_mlm",
-        mmda_strong_image=mmda.enabled and mmda.strong_image,
-        mmda_masked_text=mmda.enabled and mmda.masked_text and not retrieval,
-    )
+def compile_layers(albef: ALBEF, gradcam_layer: int) -> None:
+    """``torch.compile`` the ViT blocks and BERT layers in place (``train.compile``), except
+    the fusion layer Grad-CAM explains (SoftMask, and the localisation evaluation of every
+    cell): a compiled layer returns its attention probabilities as an output of one fused
+    autograd node, so no gradient can be taken with respect to them. The step as a whole is
+    not compiled for the same reason."""
+    for block in albef.visual_encoder.blocks:
+        block.compile()
+    for layer in albef.text_encoder.layer:
+        layer.compile()
+    for i, layer in enumerate(albef.fusion_encoder.layer):
+        if i != gradcam_layer:
+            layer.compile()
 
 
 def build_objective(cfg: ExperimentConfig, special: SpecialIds, seed: int | None = None,
@@ -79,11 +71,15 @@ def build_objective(cfg: ExperimentConfig, special: SpecialIds, seed: int | None
     Modules whose loss weight is 0 are not built (no MLM head for retrieval fine-tuning), so
     DDP sees no unused parameters and benchmarks reflect the saved compute.
     """
-    settings = objective_settings(cfg)
+    objective_cfg = ObjectiveConfig.of(cfg)
     if student is None:
         student = build_albef(cfg.model, resolve_vocab_size(cfg.model, special.vocab_size),
-                              special.pad, with_mlm=settings.mlm_weight > 0)
+                              special.pad, with_mlm=objective_cfg.weights["mlm"] > 0)
     teacher = make_momentum_twin(student)
+    # After the twin is made: the teacher runs without gradients, where checkpointing is moot.
+    student.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        compile_layers(student, cfg.softmask.layer)
     queue = FeatureQueue(cfg.model.embed_dim, cfg.model.queue_size)
-    return Objective(student, teacher, queue, special, settings,
+    return Objective(student, teacher, queue, special, objective_cfg,
                      seed=cfg.train.seed if seed is None else seed)

@@ -54,12 +54,14 @@ def itc_loss(
     return (l_i2t + l_t2i) / 2
 
 
-def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | None = None
-             ) -> Tensor:
+def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | None = None,
+             label_smoothing: float = 0.0) -> Tensor:
     """Unweighted mean CE over the rows [B positives; 2B negatives; (B extra positives)].
 
     ALBEF's layout is positives (label 1) then negatives (label 0), docs/ALBEF.md C9; SoftMask
     appends its soft-masked pairs as further positives (docs/METHOD.md §1).
+    ``label_smoothing`` (``loss.itm_label_smoothing``; 0 = ALBEF) smooths the two-class targets
+    as ``F.cross_entropy`` does.
     """
     parts = [pos_logits, neg_logits] + ([extra_pos_logits] if extra_pos_logits is not None else [])
     # Labels are made on the logits' device: no host-to-device copy inside the step.
@@ -67,7 +69,8 @@ def itm_loss(pos_logits: Tensor, neg_logits: Tensor, extra_pos_logits: Tensor | 
     labels = [torch.ones(pos_logits.shape[0], **kw), torch.zeros(neg_logits.shape[0], **kw)]
     if extra_pos_logits is not None:
         labels.append(torch.ones(extra_pos_logits.shape[0], **kw))
-    return F.cross_entropy(wide(torch.cat(parts)), torch.cat(labels))
+    return F.cross_entropy(wide(torch.cat(parts)), torch.cat(labels),
+                           label_smoothing=label_smoothing)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from model.albef import ALBEF, ImageOutput, TextOutput
+from model.config.schema import ExperimentConfig, LossConfig, MMDAConfig, SoftMaskConfig
 from model.losses import itc_loss, itm_loss, itm_pair_stats, mlm_loss, soft_targets, wide
 from model.method.gradcam import gradcam_maps
 from model.method.softmask import (
@@ -38,26 +39,38 @@ from model.text_masking import IGNORE, SpecialIds, mask_tokens
 
 
 @dataclass(frozen=True)
-class ObjectiveSettings:
-    """Plain values the step needs (built from the config by ``model.build``)."""
+class ObjectiveConfig:
+    """What the step reads, as the config names it (no renaming layer): the loss, SoftMask and
+    MMDA sections, the EMA momentum and whether this is ALBEF's retrieval fine-tuning."""
 
-    itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
-    mlm_prob: float = 0.15
-    focal_gamma: float = 0.0
-    focal_detach: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    mmda: MMDAConfig = field(default_factory=MMDAConfig)
     momentum: float = 0.995
     retrieval: bool = False
-    # The patch-mask mode of the extra ITM positives: off (ALBEF), gradcam (SoftMask: the
-    # word's Grad-CAM map) or random (RandMask); config key softmask.mode.
-    patch_mask_mode: str = "off"
-    softmask_layer: int = 2
-    softmask_word: str = "random"  # random | mean
-    random_p: float = 0.5
-    softmask_mlm: bool = False
-    mmda_strong_image: bool = False
-    mmda_masked_text: bool = False
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> ObjectiveConfig:
+        return cls(cfg.loss, cfg.softmask, cfg.mmda, cfg.model.momentum,
+                   cfg.train.mode == "retrieval")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Every loss term's weight (LossConfig.TERMS); ALBEF's retrieval fine-tuning has no
+        MLM."""
+        weights = self.loss.weights()
+        if self.retrieval:
+            weights["mlm"] = 0.0
+        return weights
+
+    @property
+    def strong_image(self) -> bool:
+        return self.mmda.enabled and self.mmda.strong_image
+
+    @property
+    def masked_text(self) -> bool:
+        """MMDA's masked caption in the student's text encoder (one shared ITM + MLM pass)."""
+        return self.mmda.enabled and self.mmda.masked_text and not self.retrieval
 
 
 @dataclass
@@ -97,13 +110,13 @@ class Objective(nn.Module):
     """
 
     def __init__(self, student: ALBEF, teacher: ALBEF, queue: FeatureQueue,
-                 special: SpecialIds, settings: ObjectiveSettings, seed: int) -> None:
+                 special: SpecialIds, cfg: ObjectiveConfig, seed: int) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.queue = queue
         self.special = special
-        self.settings = settings
+        self.cfg = cfg
         self.seed = seed
         self._generator: torch.Generator | None = None
         self.register_buffer("special_ids", torch.tensor(
@@ -119,24 +132,24 @@ class Objective(nn.Module):
         return self._generator
 
     def _prepare(self, batch: dict[str, Tensor]) -> _Inputs:
-        s = self.settings
+        c = self.cfg
         ids, mask = batch["input_ids"], batch["attention_mask"]
         masked_ids = labels = None
-        if s.mlm_weight > 0:
-            masked_ids, labels = mask_tokens(ids, self.special, s.mlm_prob, self.generator)
+        if c.weights["mlm"] > 0:
+            masked_ids, labels = mask_tokens(ids, self.special, c.loss.mlm_prob, self.generator)
         images = batch["image"]
-        strong = batch.get("image_strong") if s.mmda_strong_image else None
-        if s.mmda_strong_image and strong is None:
+        strong = batch.get("image_strong") if c.strong_image else None
+        if c.strong_image and strong is None:
             raise ValueError("mmda.strong_image is on but the batch has no 'image_strong' view")
         return _Inputs(
             student_images=strong if strong is not None else images,
             teacher_images=images,
-            student_ids=masked_ids if (s.mmda_masked_text and masked_ids is not None) else ids,
+            student_ids=masked_ids if (c.masked_text and masked_ids is not None) else ids,
             clean_ids=ids,
             attention_mask=mask,
             masked_ids=masked_ids,
             labels=labels,
-            idx=batch.get("image_idx") if s.retrieval else None,
+            idx=batch.get("image_idx") if c.retrieval else None,
         )
 
     # ----------------------------------------------------------------------------- ITC
@@ -153,7 +166,7 @@ class Objective(nn.Module):
             q_i2t = soft_targets(wide(t_img.feat) @ text_keys / temp, hard, alpha)
             q_t2i = soft_targets(wide(t_txt.feat) @ image_keys / temp, hard, alpha)
         loss = itc_loss(sim_i2t, sim_t2i, q_i2t, q_t2i,
-                        self.settings.focal_gamma, self.settings.focal_detach)
+                        self.cfg.loss.focal_gamma, self.cfg.loss.focal_detach)
         return loss, sim_i2t, sim_t2i
 
     def _itc_hard_targets(self, sim: Tensor, idx: Tensor | None) -> Tensor:
@@ -170,10 +183,10 @@ class Objective(nn.Module):
     def _itm(self, img: ImageOutput, txt: TextOutput, inp: _Inputs, sim_i2t: Tensor,
              sim_t2i: Tensor, hardness: float) -> _ITMResult:
         """ALBEF §2.2 plus SoftMask's extra positives."""
-        s, b, mask = self.settings, img.tokens.shape[0], inp.attention_mask
-        want_attn = s.patch_mask_mode == "gradcam"
+        sm, b, mask = self.cfg.softmask, img.tokens.shape[0], inp.attention_mask
+        want_attn = sm.mode == "gradcam"
         pos = self.student.fuse(txt.states, mask, img.tokens,
-                                attn_layer=s.softmask_layer if want_attn else None)
+                                attn_layer=sm.layer if want_attn else None)
         pos_logits = self.student.itm_logits(pos.hidden)
         neg_img, neg_txt = sample_hard_negatives(sim_i2t[:, :b], sim_t2i[:, :b],
                                                  self.generator, inp.idx, hardness)
@@ -185,28 +198,28 @@ class Objective(nn.Module):
         neg_logits = self.student.itm_logits(neg.hidden)
         stats: dict[str, Tensor] = {}
         masked_hidden = extra = None
-        if s.patch_mask_mode != "off":
+        if sm.mode != "off":
             patch_mask = self._patch_mask(pos_logits, pos.cross_attn, inp, img.tokens.shape[1] - 1)
             masked_hidden = self.student.fuse(
                 txt.states, mask, apply_patch_mask(img.tokens, patch_mask)).hidden
             extra = self.student.itm_logits(masked_hidden)
             stats["mask_mean"] = patch_mask.mean().detach()
-        loss = itm_loss(pos_logits, neg_logits, extra)
+        loss = itm_loss(pos_logits, neg_logits, extra, self.cfg.loss.itm_label_smoothing)
         stats.update(itm_pair_stats(pos_logits, neg_logits, extra))
         return _ITMResult(loss, pos.hidden, masked_hidden, stats)
 
     def _patch_mask(self, pos_logits: Tensor, cross_attn: Tensor | None, inp: _Inputs,
                     num_patches: int) -> Tensor:
         """(B, N) mask: 1 - minmax(Grad-CAM of one random word) or RandMask's {0, 1}."""
-        s = self.settings
-        if s.patch_mask_mode == "random":
-            return random_patch_mask(pos_logits.shape[0], num_patches, s.random_p,
+        sm = self.cfg.softmask
+        if sm.mode == "random":
+            return random_patch_mask(pos_logits.shape[0], num_patches, sm.random_p,
                                      self.generator, pos_logits.device)
         assert cross_attn is not None
         maps = gradcam_maps(pos_logits, cross_attn, inp.attention_mask)
-        labels = inp.labels if s.mmda_masked_text else None
+        labels = inp.labels if self.cfg.masked_text else None
         real = real_word_mask(inp.student_ids, inp.attention_mask, self.special_ids, labels)
-        if s.softmask_word == "mean":
+        if sm.word == "mean":
             return soft_mask_from_maps(maps, None, real)
         return soft_mask_from_maps(maps, choose_words(real, self.generator))
 
@@ -220,7 +233,7 @@ class Objective(nn.Module):
         """
         assert inp.masked_ids is not None and inp.labels is not None
         mask, where = inp.attention_mask, inp.labels != IGNORE
-        if self.settings.mmda_masked_text:
+        if self.cfg.masked_text:
             hidden = shared_hidden
         else:
             m_txt = self.student.text_encoder(inp.masked_ids, mask)
@@ -231,7 +244,7 @@ class Objective(nn.Module):
             t_logits = self.teacher.mlm_logits(t_hidden[where])
         labels = inp.labels[where]
         loss = mlm_loss(self.student.mlm_logits(hidden[where]), labels, t_logits, alpha)
-        if masked_hidden is not None and self.settings.softmask_mlm:
+        if masked_hidden is not None and self.cfg.softmask.apply_to == "itm_mlm":
             masked_loss = mlm_loss(self.student.mlm_logits(masked_hidden[where]), labels,
                                    t_logits, alpha)
             loss = (loss + masked_loss) / 2
@@ -244,25 +257,26 @@ class Objective(nn.Module):
         optional image_strong (B,3,H,W) and image_idx (B,). ``alpha``: distillation weight;
         ``enqueue``: push this step's momentum features into the queues (ALBEF: always);
         ``hardness``: ITM negative sampling sharpness (1 = ALBEF, 0 = random negatives)."""
-        s = self.settings
-        if not s.retrieval:  # ALBEF clamps temp in pre-training only (docs/ALBEF.md C13)
+        weights = self.cfg.weights
+        if not self.cfg.retrieval:  # ALBEF clamps temp in pre-training only (docs/ALBEF.md C13)
             with torch.no_grad():
                 self.student.temp.clamp_(0.001, 0.5)
         inp = self._prepare(batch)
         img = self.student.encode_image(inp.student_images)
         txt = self.student.encode_text(inp.student_ids, inp.attention_mask)
         with torch.no_grad():
-            ema_update(self.teacher, self.student, s.momentum)
+            ema_update(self.teacher, self.student, self.cfg.momentum)
             t_img = self.teacher.encode_image(inp.teacher_images)
             t_txt = self.teacher.encode_text(inp.clean_ids, inp.attention_mask)
         loss_itc, sim_i2t, sim_t2i = self._itc(img, txt, t_img, t_txt, inp.idx, alpha)
         if enqueue:
             self.queue.enqueue(t_img.feat, t_txt.feat, inp.idx)
         itm = self._itm(img, txt, inp, sim_i2t, sim_t2i, hardness)
+        # One line per loss term (docs/ARCHITECTURE.md "Adding a loss term"); each is logged as
+        # loss/<name>, and the total is their weighted sum (LossConfig.TERMS).
         losses = {"itc": loss_itc, "itm": itm.loss}
-        if s.mlm_weight > 0:
+        if weights["mlm"] > 0:
             losses["mlm"] = self._mlm(img, t_img, inp, itm.pos_hidden, itm.masked_hidden, alpha)
-        weights = {"itc": s.itc_weight, "itm": s.itm_weight, "mlm": s.mlm_weight}
         total = sum(weights[k] * v for k, v in losses.items())
         stats = {"temp": self.student.temp.detach(), **itm.stats}
         return StepOutput(loss=total, losses=losses, stats=stats)

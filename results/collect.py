@@ -34,11 +34,26 @@ RUN_COLUMNS = (
 )
 COLUMNS = [*RUN_COLUMNS, "metric", "value"]
 CURVE_COLUMNS = ["grid", "cell", "seed", "run_id", "step", "epoch", "metric", "value"]
-LOSS_KEYS = ("loss/total", "loss/itc", "loss/itm", "loss/mlm")
-# ITM by pair type (model/losses.py itm_pair_stats): does ITM match, or only know the prior?
+# Every logged ``loss/<term>`` becomes a curve, so a new loss term is plotted without edits here;
+# the total comes first and ITM by pair type (model/losses.py itm_pair_stats) after the losses:
+# does ITM match, or only know the prior?
+LOSS_PREFIX = "loss/"
 ITM_KEYS = ("itm/clean_loss", "itm/pos_acc", "itm/neg_img_acc", "itm/neg_txt_acc",
             "itm/masked_acc", "itm/shortcut")
-CURVE_KEYS = LOSS_KEYS + ITM_KEYS
+
+
+def is_curve_key(key: str) -> bool:
+    """A logged training scalar that is drawn as a curve."""
+    return key.startswith(LOSS_PREFIX) or key in ITM_KEYS
+
+
+def curve_order(keys: Sequence[str]) -> list[str]:
+    """Curve keys in panel order: total loss, the other losses as first logged, ITM stats."""
+    present = list(dict.fromkeys(keys))
+    losses = [k for k in present if k.startswith(LOSS_PREFIX)]
+    losses.sort(key=lambda k: k != f"{LOSS_PREFIX}total")  # stable: first-logged order kept
+    return losses + [k for k in ITM_KEYS if k in present]
+
 
 _RUN_DIR = re.compile(r"^(?P<cell>.+)__s(?P<seed>\d+)__(?P<hash>[^_]+)$")
 
@@ -327,9 +342,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _curve_rows(
-    record: dict[str, Any], lines: list[dict[str, Any]], keys: Sequence[str], kind: str
+    record: dict[str, Any], lines: list[dict[str, Any]], keys: Sequence[str] | None, kind: str
 ) -> list[dict[str, Any]]:
-    """Long-format curve rows of one run for the requested metric keys."""
+    """Long-format curve rows of one run for the requested metric keys (None: every curve
+    key the run logged)."""
     base = {k: record[k] for k in ("grid", "cell", "seed", "run_id")}
     return [
         dict(
@@ -341,7 +357,7 @@ def _curve_rows(
         )
         for line in lines
         if line.get("kind") == kind and "step" in line
-        for key in keys
+        for key in (keys if keys is not None else [k for k in line if is_curve_key(k)])
         if isinstance(line.get(key), int | float)
     ]
 
@@ -351,7 +367,7 @@ def load_curves(
     grid: str | None = None,
     *,
     runs: pd.DataFrame | None = None,
-    keys: Sequence[str] = CURVE_KEYS,
+    keys: Sequence[str] | None = None,
     kind: str = "train",
 ) -> pd.DataFrame:
     """Training curves from every run's ``metrics.jsonl`` in long format.

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from results.collect import CURVE_KEYS  # noqa: E402
+from results.collect import curve_order  # noqa: E402
 from results.tables import PaperNumbers, TableResult  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def plot_curves(
     curves: pd.DataFrame,
     path: Path,
     cells: Sequence[str] | None = None,
-    keys: Sequence[str] = CURVE_KEYS,
+    keys: Sequence[str] | None = None,
 ) -> Path | None:
     """One subplot per logged scalar (losses, then ITM by pair type), one line per cell (mean
     over seeds); a key no run logged (e.g. masked pairs without SoftMask) shows "no data"."""
@@ -161,6 +161,7 @@ def plot_curves(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mean = mean_curves(curves)
+    keys = curve_order(mean["metric"]) if keys is None else keys
     present = list(dict.fromkeys(mean["cell"]))
     order = [c for c in (cells or []) if c in present] + [
         c for c in present if c not in (cells or [])

@@ -238,7 +238,7 @@ def test_ema_update_rule_on_one_parameter() -> None:
 
 def test_ema_runs_once_at_the_start_of_every_forward() -> None:
     obj, batch = _prepared()
-    mu = obj.settings.momentum
+    mu = obj.cfg.momentum
     student = {n: p.detach().clone().double() for n, p in obj.student.named_parameters()}
     expected = {n: p.detach().clone().double() for n, p in obj.teacher.named_parameters()}
     for _ in range(2):  # no optimizer step: the student stays fixed
@@ -412,10 +412,11 @@ def test_default_config_is_albef() -> None:
     """With no switch set, the objective's settings are ALBEF's identity values."""
     cfg = tiny_config()
     obj = tiny_objective()
-    st = obj.settings
-    assert (st.patch_mask_mode, st.focal_gamma, st.mmda_strong_image, st.mmda_masked_text) == (
+    st = obj.cfg
+    assert (st.softmask.mode, st.loss.focal_gamma, st.strong_image, st.masked_text) == (
         "off", 0.0, False, False)
-    assert (st.itc_weight, st.itm_weight, st.mlm_weight, st.mlm_prob) == (1.0, 1.0, 1.0, 0.15)
+    assert st.weights == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    assert (st.loss.mlm_prob, st.loss.itm_label_smoothing) == (0.15, 0.0)
     assert st.momentum == cfg.model.momentum
     assert obj.student.temp.item() == pytest.approx(0.07)
     # The schema itself is ALBEF's recipe (the tiny preset shortens EMA/queue for 500 steps).

@@ -275,7 +275,7 @@ def test_gradcam_writes_no_grad_and_leaves_no_hooks_or_attributes() -> None:
     batch = make_batch()
 
     # (a) the function itself
-    pos, logits = _positive_pass(obj, batch, obj.settings.softmask_layer)
+    pos, logits = _positive_pass(obj, batch, obj.cfg.softmask.layer)
     gradcam_maps(logits, pos.cross_attn, batch["attention_mask"])
     # (b) the whole training forward (Grad-CAM inside), without the loss backward
     out = obj(batch, 0.4)
@@ -294,7 +294,7 @@ def test_soft_mask_range_minimum_and_detached() -> None:
     obj = make_objective(make_cfg("softmask.mode=gradcam"))
     obj.eval()
     batch = make_batch()
-    pos, logits = _positive_pass(obj, batch, obj.settings.softmask_layer)
+    pos, logits = _positive_pass(obj, batch, obj.cfg.softmask.layer)
     maps = gradcam_maps(logits, pos.cross_attn, batch["attention_mask"], create_graph=True)
     assert not maps.requires_grad, "Grad-CAM maps must be detached"
     real = real_word_mask(batch["input_ids"], batch["attention_mask"], obj.special_ids)

@@ -25,7 +25,7 @@ from model.config.schema import ExperimentConfig, ShardDataConfig
 HASH_EXCLUDE = ("data.num_workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
                 "train.dist_timeout_min", "train.blowup_factor", "model.allow_download",
                 "train.log_to", "train.recipe_world_size", "train.lr_scaling",
-                "data.shards.allow_pipe")
+                "data.shards.allow_pipe", "train.activation_checkpointing", "train.zero")
 
 
 def load_experiment(
@@ -75,7 +75,12 @@ def experiment_layers(
 # Knobs added after runs existed, left out of the identity while they hold the value every
 # earlier run computed with, so that adding a knob does not rename every run directory.
 OMIT_IF_DEFAULT: dict[str, object] = {"train.grad_clip": None, "eval.rerank": "batched",
-                                      "data.format": "json", "data.shards": ShardDataConfig()}
+                                      "data.format": "json", "data.shards": ShardDataConfig(),
+                                      # not bit-exact (fused kernels round differently;
+                                      # inductor draws its own dropout masks): part of the
+                                      # identity when on
+                                      "train.optimizer_impl": "default", "train.compile": False,
+                                      "loss.itm_label_smoothing": 0.0}
 
 
 def _identity_exclude(cfg: ExperimentConfig) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ i.e. BERT layer ``text.text_layers + 2`` (= 8 in ALBEF, the official Grad-CAM la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from model.config.loader import FieldError
 
@@ -144,9 +144,16 @@ class LossConfig:
     linearly over the first epoch when ``alpha_warmup``.
     """
 
+    # The loss terms: each name is a weight here, a loss/<name> curve and an entry of the step's
+    # losses (model/objective.py). A new term: its weight field, its name in TERMS, one line in
+    # Objective.forward (docs/ARCHITECTURE.md "Adding a loss term").
+    TERMS: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
     itc: float = 1.0
     itm: float = 1.0
     mlm: float = 1.0
+    # Label smoothing of the ITM cross-entropy (0 = ALBEF): the worked example of adding a loss
+    # option (docs/ARCHITECTURE.md).
+    itm_label_smoothing: float = 0.0
     alpha: float = 0.4
     alpha_warmup: bool = True
     mlm_prob: float = 0.15
@@ -168,13 +175,19 @@ class LossConfig:
         start, end = self.itm_neg_ramp
         _check(0 <= start <= end, "itm_neg_ramp",
                f"must be (start, end) with 0 <= start <= end, got {self.itm_neg_ramp}")
-        for name in ("itc", "itm", "mlm"):
-            weight = getattr(self, name)
+        for name, weight in self.weights().items():
             _check(weight >= 0, name, f"weight must be >= 0, got {weight}")
-        _check(self.itc + self.itm + self.mlm > 0, "itc", "at least one loss weight must be > 0")
+        _check(sum(self.weights().values()) > 0, self.TERMS[0],
+               f"at least one loss weight ({', '.join(self.TERMS)}) must be > 0")
+        _check(0.0 <= self.itm_label_smoothing < 1.0, "itm_label_smoothing",
+               f"must be in [0, 1), got {self.itm_label_smoothing}")
         _check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(0.0 < self.mlm_prob < 1.0, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
         _check(self.focal_gamma >= 0, "focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+
+    def weights(self) -> dict[str, float]:
+        """Each loss term's weight, by name (TERMS order)."""
+        return {name: float(getattr(self, name)) for name in self.TERMS}
 
 
 @dataclass(frozen=True)
@@ -386,6 +399,17 @@ class TrainConfig:
     # rate times global / recipe global batch; model/config/recipe.py).
     recipe_world_size: int = 8
     lr_scaling: Literal["refuse", "none", "linear"] = "refuse"
+    # Memory and speed levers, all off by default (= ALBEF; docs/QUICKSTART.md "Memory
+    # levers"): recompute each ViT block's and BERT layer's activations in the backward pass
+    # and shard the AdamW state across DDP ranks (PyTorch's ZeroRedundancyOptimizer) - both
+    # exact, not part of the run's identity; AdamW's foreach or fused kernels and torch.compile
+    # of the ViT blocks and BERT layers (not of the whole step: SoftMask takes a gradient inside
+    # the forward) - not bit-exact (fused kernels round differently, inductor draws its own
+    # dropout masks), so part of the identity when on.
+    activation_checkpointing: bool = False
+    zero: bool = False
+    optimizer_impl: Literal["default", "foreach", "fused"] = "default"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.recipe_world_size >= 1, "recipe_world_size",

@@ -68,3 +68,18 @@ def cleanup_distributed() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (the feature queues and their pointer) to every rank, once.
+
+    Each rank builds its objective under seed + rank, so the queues start as different random
+    features; ALBEF's DDP broadcasts rank 0's buffers every step, which makes every rank use rank
+    0's queue. The queues are all-gathered at every enqueue afterwards, so one broadcast at
+    start-up (after a resume too: every rank then loads rank 0's) gives the same agreement
+    without moving the queues every step.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)

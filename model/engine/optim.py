@@ -6,11 +6,12 @@ See docs/ALBEF.md §3 and docs/ALBEF.md C13-C15.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from model.config.schema import TrainConfig
+from model.config.schema import LossConfig, TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,10 +32,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.999, eps 1e-8) as ALBEF's optimiser factory builds it."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(0.9, 0.999), eps=1e-8)
+def _impl_kwargs(impl: str) -> dict[str, bool]:
+    """AdamW's implementation switch (``train.optimizer_impl``); "default" lets torch pick."""
+    return {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999, eps 1e-8) as ALBEF's optimiser factory builds it.
+
+    ``cfg.zero``: under torch.distributed, PyTorch's ZeroRedundancyOptimizer wraps it, so each
+    rank keeps the AdamW state of its shard of the parameters only (about 1/world of it); the
+    update is the same. Checkpoints hold the consolidated state (model/engine/resume.py).
+    """
+    kwargs = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8, **_impl_kwargs(cfg.optimizer_impl)}
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.zero and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def consolidate(optimizer: torch.optim.Optimizer) -> None:
+    """Gather a sharded optimizer's state on rank 0 before it is saved (every rank calls this;
+    a no-op for a plain optimizer)."""
+    if hasattr(optimizer, "consolidate_state_dict"):
+        optimizer.consolidate_state_dict(to=0)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int) -> float:
@@ -86,3 +109,26 @@ def hardness_at(ramp: tuple[int, int], global_step: int, final: float = 1.0) -> 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Everything of one step that follows from where training is: the learning rate, the
+    distillation weight, the ITM negatives' hardness and whether the queues are fed."""
+
+    lr: float
+    alpha: float
+    hardness: float
+    enqueue: bool
+
+
+def step_schedule(train: TrainConfig, loss: LossConfig, queue_warmup_steps: int, epoch: int,
+                  step_in_epoch: int, global_step: int, steps_per_epoch: int) -> StepSchedule:
+    """The one schedule the trainer and the diagnostics benchmarks use (``train``: the
+    launch's learning rates, model/config/recipe.py ``scaled_train``)."""
+    return StepSchedule(
+        lr=lr_at(train, epoch, step_in_epoch),
+        alpha=alpha_at(loss.alpha, loss.alpha_warmup, epoch, step_in_epoch, steps_per_epoch),
+        hardness=hardness_at(loss.itm_neg_ramp, global_step, loss.itm_neg_hardness),
+        enqueue=global_step >= queue_warmup_steps,
+    )

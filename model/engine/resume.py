@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model.checkpoints import read_checkpoint
@@ -52,6 +53,26 @@ def _rng_state(objective: Objective) -> dict[str, Any]:
     return state
 
 
+def rank_rng_states(objective: Objective) -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective under torch.distributed: every
+    rank calls it). Each rank draws its own hard negatives, MLM corruption and dropout from
+    generators seeded with seed + rank, so an exact multi-rank resume needs all of them."""
+    state = _rng_state(objective)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def _own_rng_state(saved: Any) -> dict[str, Any]:
+    """This rank's entry of a checkpoint's RNG states (older single-rank files hold one dict)."""
+    if isinstance(saved, dict):
+        return saved
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return saved[rank]
+
+
 def _set_rng_state(objective: Objective, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -64,7 +85,8 @@ def _set_rng_state(objective: Objective, state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: dict[str, Any], config_hash: str,
                     data_position: dict[str, Any] | None = None,
-                    world_size: int = 1) -> Path:
+                    world_size: int = 1,
+                    rng: list[dict[str, Any]] | None = None) -> Path:
     """Write the full checkpoint atomically (tmp file, fsync, rename): a crash or a preemption
     mid-write leaves the previous checkpoint intact. ``data_position``: where the data stream
     continues (for shards: the shard list and each stream's shard and offset)."""
@@ -73,7 +95,8 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
-        "rng": _rng_state(objective),
+        # One entry per rank (rank_rng_states); only this process's when not given.
+        "rng": rng if rng is not None else [_rng_state(objective)],
         "config": config,
         "config_hash": config_hash,
         "format": "softmask-harness/full/v1",
@@ -121,7 +144,7 @@ def load_checkpoint(run_dir: str | Path, objective: Objective,
     objective.load_state_dict(payload["objective"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    _set_rng_state(objective, payload["rng"])
+    _set_rng_state(objective, _own_rng_state(payload["rng"]))
     state = TrainState(**payload["state"])
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.global_step,
              state.epoch, state.batch)

@@ -27,10 +27,22 @@ from model.engine.data import (
     resolve_sources,
     special_ids,
 )
-from model.engine.distributed import DistInfo, init_distributed
+from model.engine.distributed import DistInfo, broadcast_buffers, init_distributed
 from model.engine.guard import DivergenceGuard
-from model.engine.optim import alpha_at, build_optimizer, hardness_at, lr_at, set_lr
-from model.engine.resume import TrainState, checkpoint_path, load_checkpoint, save_checkpoint
+from model.engine.optim import (
+    StepSchedule,
+    build_optimizer,
+    consolidate,
+    set_lr,
+    step_schedule,
+)
+from model.engine.resume import (
+    TrainState,
+    checkpoint_path,
+    load_checkpoint,
+    rank_rng_states,
+    save_checkpoint,
+)
 from model.engine.run_io import (
     CONFIG,
     METRICS,
@@ -117,6 +129,7 @@ def setup(cfg: ExperimentConfig, run_dir: Path, device: str | None = None,
         dump_yaml(cfg, run_dir / CONFIG)
     resumed_from = state.global_step if state else None
     model: torch.nn.Module = objective
+    broadcast_buffers(objective)  # rank 0's initial queues everywhere, as ALBEF's DDP has them
     if dist_info.world_size > 1:
         # Queues are all-gathered, so they agree across ranks by construction; broadcasting
         # them every step (DDP's default) would move K x d floats per step for nothing.
@@ -192,10 +205,14 @@ def _check_guard(tr: Trainer) -> None:
 
 def _save(tr: Trainer) -> None:
     _check_guard(tr)  # never overwrite the last good checkpoint with a poisoned state
+    # Collectives, so every rank calls them: the sharded (ZeRO) optimizer state and every
+    # rank's RNG states are gathered on rank 0, which writes the file.
+    consolidate(tr.optimizer)
+    rng = rank_rng_states(tr.objective)
     if tr.dist.is_main:
         save_checkpoint(tr.run_dir, tr.objective, tr.optimizer, tr.state, to_dict(tr.cfg),
                         tr.config_hash, tr.data.position(tr.state.epoch, tr.state.batch),
-                        world_size=tr.dist.world_size)
+                        world_size=tr.dist.world_size, rng=rng)
     tr.saved_step = tr.state.global_step
 
 
@@ -207,25 +224,30 @@ def _watch(tr: Trainer, out: StepOutput, lr: float) -> None:
     tr.guard.update(tr.state.global_step, values, lr)
 
 
+def run_step(tr: Trainer, batch: dict[str, Any]) -> tuple[StepOutput, StepSchedule]:
+    """One training step at the trainer's position (schedule, learning rate, the step) and
+    the position advanced; shared by the trainer and the diagnostics benchmarks."""
+    st, cfg = tr.state, tr.cfg
+    sched = step_schedule(tr.schedule, cfg.loss, cfg.model.queue_warmup_steps, st.epoch,
+                          st.batch, st.global_step, tr.data.batches_per_epoch)
+    set_lr(tr.optimizer, sched.lr)
+    out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), sched.alpha,
+                     cfg.train.precision, enqueue=sched.enqueue, hardness=sched.hardness,
+                     grad_clip=cfg.train.grad_clip)
+    st.batch, st.global_step = st.batch + 1, st.global_step + 1
+    return out, sched
+
+
 def _run_epoch(tr: Trainer, summary: TrainSummary, bar: tqdm, t0: float,
                stop_at: int) -> bool:
     """Train until the epoch ends or ``stop_at`` steps are done; True when training must stop."""
     cfg, st = tr.cfg, tr.state
-    per_epoch = tr.data.batches_per_epoch
     tr.data.set_epoch(st.epoch, start_batch=st.batch)
     wait, window, tick = 0.0, 0, time.perf_counter()
     for batch in tr.data.loader:
         wait += time.perf_counter() - tick
-        lr = lr_at(tr.schedule, st.epoch, st.batch)
-        alpha = alpha_at(cfg.loss.alpha, cfg.loss.alpha_warmup, st.epoch, st.batch, per_epoch)
-        set_lr(tr.optimizer, lr)
-        out = train_step(tr.model, tr.optimizer, move_batch(batch, tr.dist.device), alpha,
-                         cfg.train.precision,
-                         enqueue=st.global_step >= cfg.model.queue_warmup_steps,
-                         hardness=hardness_at(cfg.loss.itm_neg_ramp, st.global_step,
-                                              cfg.loss.itm_neg_hardness),
-                         grad_clip=cfg.train.grad_clip)
-        st.batch, st.global_step, window = st.batch + 1, st.global_step + 1, window + 1
+        out, sched = run_step(tr, batch)
+        lr, alpha, window = sched.lr, sched.alpha, window + 1
         _watch(tr, out, lr)
         bar.update(1)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == stop_at or \
