@@ -302,8 +302,10 @@ def alive_runs(specs: Sequence[RunSpec]) -> dict[str, str]:
         if row.scheduler and row.state in ("running", "pending", "requeued"):
             alive.setdefault(row.run_id, f"job {row.job_id} is {row.scheduler}")
     # Just-submitted jobs may not be in the accounting yet: the live queue has them.
+    # A planned run never submitted has no job id (NaN in the frame, which is truthy).
     unsure = {r.job_id: r.run_id for r in status.itertuples()
-              if r.job_id and r.run_id not in alive and r.state != "finished"}
+              if isinstance(r.job_id, str) and r.job_id and r.run_id not in alive
+              and r.state != "finished"}
     for job_id in queued_jobs(list(unsure)):
         alive.setdefault(unsure[job_id], f"job {job_id} is in the SLURM queue")
     return alive

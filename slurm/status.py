@@ -180,7 +180,8 @@ def query_sacct(job_ids: Sequence[str], since: str | None = None,
     job; ``since`` (the first submission's time) keeps job ids reused after a reset of the
     controller's counter out of the answer.
     """
-    bases = sorted({m.group("base") for j in job_ids if (m := _SLURM_ID.match(j))}, key=int)
+    bases = sorted({m.group("base") for j in job_ids
+                    if isinstance(j, str) and (m := _SLURM_ID.match(j))}, key=int)
     if not bases:
         return {}
     cmd = ["sacct", "-D", "-j", ",".join(bases), "--format=JobID,State,ExitCode,Elapsed",
@@ -200,7 +201,8 @@ def query_sacct(job_ids: Sequence[str], since: str | None = None,
 def queued_jobs(job_ids: Sequence[str], timeout_s: float = SACCT_TIMEOUT_S) -> set[str]:
     """Which of these SLURM job ids the controller holds now (pending, running, ...), from
     ``squeue``: live, without the accounting delay sacct can have right after a submission."""
-    bases = sorted({m.group("base") for j in job_ids if (m := _SLURM_ID.match(j))}, key=int)
+    bases = sorted({m.group("base") for j in job_ids
+                    if isinstance(j, str) and (m := _SLURM_ID.match(j))}, key=int)
     if not bases:
         return set()
     cmd = ["squeue", "-h", "-j", ",".join(bases), "-o", "%i"]

@@ -3,6 +3,7 @@ grid's skip of runs that something is working on."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,3 +92,22 @@ def test_the_grid_skips_a_run_that_is_being_trained(tmp_path: Path, capsys,
         proc.wait()
     time.sleep(0.1)
     assert run_grid.alive_runs([spec]) == {}
+
+
+def test_alive_runs_with_a_submitted_run_beside_a_new_one(tmp_path: Path,
+                                                          synthetic_cache: Path) -> None:
+    """A second invocation adding a cell to a folder with earlier submissions: the new run has
+    no job id yet (a missing value in the status frame) and must not break the liveness check
+    (it crashed the grid before any job was submitted)."""
+    from slurm.launch import grid_folder
+
+    runs = tmp_path / "runs"
+    sets = tiny_grid_sets(synthetic_cache)
+    old, new = expand(preset="tiny", seeds=[0], only=["albef", "softmask"], sets=sets,
+                      runs_root=runs)
+    grid_dir = grid_folder([old])
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    record = {"job_id": "999999", "cluster": "slurm", "cell": old.cell, "seed": 0,
+              "run_id": old.run_id, "tier": "cpu", "time": "2026-01-01T00:00:00"}
+    (grid_dir / "submissions.jsonl").write_text(json.dumps(record) + "\n")
+    assert run_grid.alive_runs([old, new]) == {}  # job 999999 is in no queue
