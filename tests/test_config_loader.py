@@ -461,3 +461,30 @@ def test_run_grid_rejects_a_seed_count_below_one(seeds: str, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--seeds", seeds])
     assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_retired_key_keeps_hashes_and_old_run_configs_load(tmp_path: Path) -> None:
+    """softmask.normalize was read by nothing and left the schema; a run folder written before
+    still loads, and every run keeps its directory name (the key is hashed at its only value)."""
+    import yaml
+
+    from model.config.experiment import experiment_hash, load_experiment
+    from model.config.loader import to_dict
+
+    cfg = load_experiment(preset="tiny")
+    old = to_dict(cfg)
+    old["softmask"]["normalize"] = "minmax"  # a config.yaml as runs wrote it before
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    again = load_experiment([tmp_path / "config.yaml"])
+    assert again == cfg and experiment_hash(again) == experiment_hash(cfg)
+    # the default grid plans exactly the run ids of the committed results (hashed before)
+    from ablations.grid import expand
+
+    raw = Path(__file__).resolve().parents[1] / "results" / "raw" / "softmask_ablation.jsonl"
+    committed = {json.loads(line)["run_id"] for line in raw.read_text().splitlines()
+                 if json.loads(line).get("record") == "run"}
+    assert {s.run_id for s in expand(seeds=[0])} == committed
+    old["softmask"]["normalize"] = "zscore"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"bad.yaml.*softmask.normalize' is retired"):
+        load_experiment([tmp_path / "bad.yaml"])

@@ -2,7 +2,7 @@
 
 Run by hand, never by CI, in an environment that can import the official code (its public
 repository, github.com/salesforce/ALBEF, and the older libraries it was written for); see
-devtools/official_albef/README.md for the exact commands and versions. The script imports the
+tests/fixtures/official_albef/README.md for the exact commands and versions. The script imports the
 official modules from ``--albef`` and changes nothing in them: it only replaces, at run time,
 what the official constructors hard-code for paper-sized models (the ViT sizes, BERT weights
 from the hub) so that the models are built at fixture size, and it reads what the official

@@ -14,8 +14,8 @@ from model.engine.gallery import GalleryResult, gradcam_gallery
 
 
 def _load_config(run_dir: Path, sets: Sequence[str]):
-    from model.config.loader import from_dict, load_yaml_file, merge_layers, parse_dotlist
-    from model.config.schema import ExperimentConfig
+    from model.config.experiment import build_experiment
+    from model.config.loader import load_yaml_file, merge_layers, parse_dotlist
     from model.engine.run_io import CONFIG
 
     path = run_dir / CONFIG
@@ -23,7 +23,7 @@ def _load_config(run_dir: Path, sets: Sequence[str]):
     if sets:
         layers.append(("--set", parse_dotlist(sets)))
     merged, origins = merge_layers(layers)
-    return from_dict(ExperimentConfig, merged, origins)
+    return build_experiment(merged, origins)
 
 
 def _eval_pairs(cfg, sources, n: int

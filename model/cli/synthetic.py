@@ -1,5 +1,5 @@
 """``python -m model.cli.synthetic --out DIR``: write the generated synthetic set
-(model/data/synthetic.py), or reuse it when the same spec is already there, and print its counts.
+(model/data/synthetic/), or reuse it when the same spec is already there, and print its counts.
 """
 
 from __future__ import annotations

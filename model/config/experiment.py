@@ -45,6 +45,23 @@ def load_experiment(
         base: a base YAML applied before the preset.
     """
     merged, origins = merge_layers(experiment_layers(files, preset, sets, inline, base))
+    return build_experiment(merged, origins)
+
+
+def build_experiment(merged: Mapping[str, Any], origins: Mapping[str, str]) -> ExperimentConfig:
+    """The typed config of merged layers; a retired key at the value every run had is dropped
+    (old run folders and checkpoints still load), any other value of it is an error."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in merged.items()}
+    errors = []
+    for dotted, value in RETIRED.items():
+        section, leaf = dotted.split(".")
+        node = merged.get(section)
+        if isinstance(node, dict) and leaf in node:
+            if node.pop(leaf) != value:
+                errors.append(f"{origins.get(dotted, 'config')}: '{dotted}' is retired (only "
+                              f"{value!r} was ever implemented); remove it")
+    if errors:
+        raise ConfigError(errors)
     return from_dict(ExperimentConfig, merged, origins)
 
 
@@ -72,6 +89,10 @@ def experiment_layers(
     return layers
 
 
+# Keys removed from the schema, with the only value runs ever had: hashed as before, so that
+# removing dead config renames no run directory (build_experiment drops them when read).
+RETIRED: dict[str, object] = {"softmask.normalize": "minmax"}
+
 # Knobs added after runs existed, left out of the identity while they hold the value every
 # earlier run computed with, so that adding a knob does not rename every run directory.
 OMIT_IF_DEFAULT: dict[str, object] = {"train.grad_clip": None, "eval.rerank": "batched",
@@ -96,10 +117,10 @@ def _identity_exclude(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 def experiment_hash(cfg: ExperimentConfig) -> str:
     """Identity of what a run computes (10 hex chars); excludes speed/logging knobs."""
-    return config_hash(cfg, exclude=_identity_exclude(cfg))
+    return config_hash(cfg, exclude=_identity_exclude(cfg), retired=RETIRED)
 
 
 def recipe_hash(cfg: ExperimentConfig) -> str:
     """:func:`experiment_hash` without the seed: equal for the seeds of one table row, so that
     averaging seeds of different recipes (a partial rerun after a config change) is caught."""
-    return config_hash(cfg, exclude=(*_identity_exclude(cfg), "train.seed"))
+    return config_hash(cfg, exclude=(*_identity_exclude(cfg), "train.seed"), retired=RETIRED)

@@ -498,9 +498,14 @@ def to_dict(obj: Any) -> Any:
     raise TypeError(f"cannot serialise config value of type {type(obj).__name__}: {obj!r}")
 
 
-def config_hash(obj: Any, exclude: Iterable[str] = ()) -> str:
-    """10 hex chars identifying the semantic content of ``obj`` minus the ``exclude`` keys."""
+def config_hash(obj: Any, exclude: Iterable[str] = (),
+                retired: Mapping[str, Any] | None = None) -> str:
+    """10 hex chars identifying the semantic content of ``obj`` minus the ``exclude`` keys,
+    plus the ``retired`` keys (dotted, section.key) at the value they always had."""
     data = to_dict(obj)
+    for dotted, value in (retired or {}).items():
+        section, leaf = dotted.split(".")
+        data[section][leaf] = value
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
         node = data

@@ -203,7 +203,6 @@ class SoftMaskConfig:
     mode: Literal["off", "gradcam", "random"] = "off"
     layer: int = 2
     word: Literal["random", "mean"] = "random"
-    normalize: Literal["minmax"] = "minmax"
     random_p: float = 0.5
     apply_to: Literal["itm", "itm_mlm"] = "itm"
 
@@ -248,7 +247,7 @@ class SyntheticDataConfig:
     n_test_images: int = 500
     image_size: int = 32
     # "mixed": some captions leave out sizes, the relation or an object, so one caption can be
-    # true of several scenes; "full": every caption names the whole scene (model/data/synthetic.py).
+    # true of several scenes; "full": every caption names the whole scene (model/data/synthetic/).
     caption_style: Literal["mixed", "full", "relational"] = "mixed"
     # Share of training and evaluation scenes with a single object.
     single_object_fraction: float = 0.1

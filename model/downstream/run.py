@@ -1,6 +1,6 @@
 """One downstream task stage end to end: load the checkpoint, (TA,) fine-tune, evaluate, record.
 
-``run_task`` is what the grid's downstream stages and ``python -m model.downstream`` call.
+``run_task`` is what the grid's downstream stages and ``python -m model.cli.evaluate`` (task protocols) call.
 """
 
 from __future__ import annotations

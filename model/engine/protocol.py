@@ -33,6 +33,7 @@ from model.checkpoints import (
     load_checkpoint_state,
     read_checkpoint,
 )
+from model.config.experiment import build_experiment
 from model.config.loader import (
     ConfigError,
     from_dict,
@@ -320,7 +321,7 @@ def stage_config(cfg: ExperimentConfig, name: str, init_from: str | Path | None,
     layers = [*base, *_protocol_layers(registry, name, synthetic), *user,
               (f"protocol '{name}'", last)]
     merged, origins = merge_layers(layers)
-    return from_dict(ExperimentConfig, merged, origins)
+    return build_experiment(merged, origins)
 
 
 def validate_downstream(cfg: ExperimentConfig, registry: ProtocolRegistry
