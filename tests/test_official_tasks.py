@@ -128,19 +128,26 @@ def _backbones(pretrain: dict[str, Any], image_size: int, with_mlm: bool):
     return cfg, backbones, bert_config(cfg, vocab, 0)
 
 
+def _loaded_pair(pretrain, rec, task: str, with_mlm: bool):
+    """Student and teacher of ``task`` built by the project from the recorded pre-training
+    file, each checked against the weights the official script loaded."""
+    cfg, backbones, bert_cfg = _backbones(pretrain, rec["provenance"]["task_image_size"],
+                                          with_mlm=with_mlm)
+    student = build_task_model(task, backbones.student, bert_cfg)
+    teacher = build_task_model(task, backbones.teacher, bert_cfg)
+    official = official_state(rec["loaded"], pretrain["state"])
+    k = cfg.model.text.text_layers
+    assert assert_loaded(student, official, k, False, f"{task} student") > 100
+    assert_loaded(teacher, official, k, True, f"{task} teacher")
+    return cfg, student, teacher, official, k
+
+
 # ------------------------------------------------------------------------------ SNLI-VE
 
 
 def test_snli_ve_matches_the_official_model(pretrain, monkeypatch) -> None:
     rec = load("task_ve")
-    size = rec["provenance"]["task_image_size"]
-    cfg, backbones, bert_cfg = _backbones(pretrain, size, with_mlm=False)
-    student = build_task_model("ve", backbones.student, bert_cfg)
-    teacher = build_task_model("ve", backbones.teacher, bert_cfg)
-    official = official_state(rec["loaded"], pretrain["state"])
-    k = cfg.model.text.text_layers
-    assert assert_loaded(student, official, k, False, "student") > 100
-    assert_loaded(teacher, official, k, True, "teacher")
+    cfg, student, teacher, official, k = _loaded_pair(pretrain, rec, "ve", with_mlm=False)
     inject(student, official, k, False, "cls_head.")
     inject(teacher, official, k, True, "cls_head.")
     batch = {"images": rec["batch"]["images"], "input_ids": rec["batch"]["input_ids"],
@@ -212,14 +219,7 @@ def test_nlvr2_from_the_official_text_assignment_file(pretrain, monkeypatch) -> 
 
 def test_vqa_decoder_initialisation_ranking_and_training_match(pretrain, monkeypatch) -> None:
     rec = load("task_vqa")
-    size = rec["provenance"]["task_image_size"]
-    cfg, backbones, bert_cfg = _backbones(pretrain, size, with_mlm=True)
-    student = build_task_model("vqa", backbones.student, bert_cfg)
-    teacher = build_task_model("vqa", backbones.teacher, bert_cfg)
-    official = official_state(rec["loaded"], pretrain["state"])
-    k = cfg.model.text.text_layers
-    assert assert_loaded(student, official, k, False, "VQA student") > 100
-    assert_loaded(teacher, official, k, True, "VQA teacher")
+    cfg, student, teacher, official, k = _loaded_pair(pretrain, rec, "vqa", with_mlm=True)
     b = rec["batch"]
     batch = {"images": b["images"], "input_ids": b["input_ids"],
              "attention_mask": b["attention_mask"], "answer_ids": b["answer_ids"],

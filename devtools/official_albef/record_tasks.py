@@ -135,15 +135,16 @@ def grads_pair(g32: dict[str, torch.Tensor], g64: dict[str, torch.Tensor]) -> di
 # ------------------------------------------------------------------------------ SNLI-VE
 
 
-def record_ve(off: types.SimpleNamespace, tok: Any, albef_dir: Path, bert_path: Path,
-              pretrain: dict[str, torch.Tensor]) -> dict[str, Any]:
-    cfg = task_config(bert_path)
-    batch = task_batch(R.SIZES["batch"], 3)
+def record_classifier(off_model: Any, script: Path, seed: int, cfg: dict[str, Any], tok: Any,
+                      off: types.SimpleNamespace, init: dict[str, torch.Tensor],
+                      batch: dict[str, Any]) -> dict[str, Any]:
+    """A classification task (VE, NLVR2) as its script builds and loads it: the loaded
+    weights, evaluation logits, and a distilled training step in float32 and float64."""
 
     def build() -> nn.Module:
-        torch.manual_seed(R.SEED + 11)
-        model = off.model_ve.ALBEF(config=cfg, text_encoder="none", tokenizer=tok)
-        load_by_script(off, albef_dir / "VE.py", model, pretrain, cfg)
+        torch.manual_seed(seed)
+        model = off_model.ALBEF(config=cfg, text_encoder="none", tokenizer=tok)
+        load_by_script(off, script, model, init, cfg)
         return model
 
     def run(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -158,11 +159,18 @@ def record_ve(off: types.SimpleNamespace, tok: Any, albef_dir: Path, bert_path: 
                               batch["labels"], train=False)
     fp32 = train_step(model, run, torch.float32)
     fp64 = train_step(build(), run, torch.float64)
-    return {"batch": batch, "loaded": compact(loaded, pretrain), "eval_logits": logits,
+    return {"batch": batch, "loaded": compact(loaded, init), "eval_logits": logits,
             "loss": {"fp32": fp32["loss"], "fp64": fp64["loss"]},
             "prediction": fp32["locals"]["prediction"],
             "prediction_m": fp32["locals"]["prediction_m"],
             "grads": grads_pair(fp32["grads"], fp64["grads"])}
+
+
+def record_ve(off: types.SimpleNamespace, tok: Any, albef_dir: Path, bert_path: Path,
+              pretrain: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return record_classifier(off.model_ve, albef_dir / "VE.py", R.SEED + 11,
+                             task_config(bert_path), tok, off, pretrain,
+                             task_batch(R.SIZES["batch"], 3))
 
 
 # ------------------------------------------------------------------------------ NLVR2
@@ -181,33 +189,11 @@ def ta_state(off: types.SimpleNamespace, tok: Any, albef_dir: Path, bert_path: P
 
 def record_nlvr(off: types.SimpleNamespace, tok: Any, albef_dir: Path, bert_path: Path,
                 pretrain: dict[str, torch.Tensor]) -> dict[str, Any]:
-    cfg = task_config(bert_path)
     ta = ta_state(off, tok, albef_dir, bert_path, pretrain)
-    batch = task_batch(2 * R.SIZES["batch"], 2)
-
-    def build() -> nn.Module:
-        torch.manual_seed(R.SEED + 13)
-        model = off.model_nlvr.ALBEF(config=cfg, text_encoder="none", tokenizer=tok)
-        load_by_script(off, albef_dir / "NLVR.py", model, ta, cfg)
-        return model
-
-    def run(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        text = R._Text(batch["input_ids"], batch["attention_mask"])
-        return model(batch["images"].to(dtype), text, batch["labels"], alpha=ALPHA, train=True)
-
-    model = build()
-    loaded = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        logits = model.eval()(batch["images"], R._Text(batch["input_ids"],
-                                                       batch["attention_mask"]),
-                              batch["labels"], train=False)
-    fp32 = train_step(model, run, torch.float32)
-    fp64 = train_step(build(), run, torch.float64)
-    return {"batch": batch, "ta": compact(ta, pretrain), "loaded": compact(loaded, ta),
-            "eval_logits": logits, "loss": {"fp32": fp32["loss"], "fp64": fp64["loss"]},
-            "prediction": fp32["locals"]["prediction"],
-            "prediction_m": fp32["locals"]["prediction_m"],
-            "grads": grads_pair(fp32["grads"], fp64["grads"])}
+    record = record_classifier(off.model_nlvr, albef_dir / "NLVR.py", R.SEED + 13,
+                               task_config(bert_path), tok, off, ta,
+                               task_batch(2 * R.SIZES["batch"], 2))
+    return {**record, "ta": compact(ta, pretrain)}
 
 
 # ------------------------------------------------------------------------------ VQA
