@@ -54,6 +54,7 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
     from ablations.grid import expand
     from model.cell.stages import run_downstream
     from model.downstream.data import resolve_task_files
+    from model.downstream.tasks import task_spec
     from model.engine.protocol import load_protocols, stage_config
     from model.engine.resume import checkpoint_path
     from model.engine.run_io import read_run
@@ -70,7 +71,7 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
     for name in protocols:
         stage_cfg = stage_config(spec.config, name, None, registry)
         task = registry.get(name).task_config(stage_cfg.data.kind == "synthetic")
-        stand_ins[name] = resolve_task_files(stage_cfg, task).image_root
+        stand_ins[name] = resolve_task_files(stage_cfg, task, task_spec(task.name)).image_root
     return {"cell": cell, "seed": seed, "run_id": spec.run_id,
             "priors": question_only_priors(stand_ins),  # test split; the dev/val one is alike
             "stages": {name: {"metrics": s.metrics, "provenance": s.provenance}
@@ -102,6 +103,9 @@ def _pairs(path: Path, text: str, label: str) -> list[tuple[str, str]]:
 def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
     """Per task, the question-only prior on the test split, from the stand-in files a stage
     used (recorded in its result)."""
+    from model.data.synthetic_tasks import TaskFiles
+    from model.downstream.tasks import task_spec
+
     priors = {}
     for name, (task, text, label) in {"snli_ve": ("ve", "sentence", "label"),
                                       "nlvr2": ("nlvr", "sentence", "label"),
@@ -109,9 +113,9 @@ def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
         if name not in stage_dirs:
             continue
         root = stage_dirs[name]
-        train = _pairs(root / f"{task}_train.json", text, label)
-        if task == "vqa":  # VQA trains on train + val
-            train += _pairs(root / f"{task}_val.json", text, label)
+        # the files the task trains on (VQA: train + val)
+        train_files, _val, _answers = task_spec(task).stand_in_files(TaskFiles(root))
+        train = [pair for f in train_files for pair in _pairs(f, text, label)]
         priors[name] = _prior_accuracy(train, _pairs(root / f"{task}_test.json", text, label))
     return priors
 

@@ -124,3 +124,23 @@ def test_the_rules_see_real_imports(graph: dict[str, set[str]]) -> None:
     assert "slurm.spec" in graph["ablations.grid"]
     assert "model.engine.gallery" in graph["model.cli.gallery"]
     assert "model.method.gradcam" in graph["model.method.softmask"]
+
+
+def test_only_the_task_modules_know_which_task_they_are(graph: dict[str, set[str]]) -> None:
+    """The stage runner, the fine-tuning loop, the data side and the benchmarks dispatch through
+    the task registry: no comparison of a task's name outside model/downstream/tasks/ (and the
+    config's own validation of its typed task block)."""
+    allowed = {REPO / "model" / "config" / "task.py"}
+    offenders = []
+    for room in ROOMS:
+        for path in (REPO / room).rglob("*.py"):
+            if "downstream/tasks" in path.as_posix() or path in allowed:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Compare) and any(
+                        isinstance(side, ast.Attribute) and side.attr == "name"
+                        and isinstance(side.value, ast.Name) and side.value.id == "task"
+                        for side in (node.left, *node.comparators)):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, "task.name compared outside the task modules: " + ", ".join(offenders)
+    assert "model.downstream.tasks" in graph["model.downstream.run"]

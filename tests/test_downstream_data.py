@@ -33,7 +33,7 @@ from model.downstream.keymap import (
     official_task_key_to_ours,
     ours_task_key_to_official,
 )
-from model.downstream.models import build_task_model
+from model.downstream.tasks import build_task_model
 
 
 def _write(path: Path, data) -> Path:

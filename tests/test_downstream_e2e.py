@@ -164,7 +164,7 @@ def test_nlvr_fine_tunes_from_albefs_text_assignment_file(pretrained, micro_prot
     from model.build import build_albef
     from model.downstream.backbone import bert_config
     from model.downstream.keymap import ours_task_key_to_official
-    from model.downstream.models import build_task_model
+    from model.downstream.tasks import build_task_model
 
     cfg, _ = pretrained
     from model.checkpoints import read_state

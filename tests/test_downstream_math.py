@@ -25,8 +25,8 @@ from model.downstream.losses import (
     vqa_accuracy,
     weighted_answer_loss,
 )
-from model.downstream.models import build_task_model
 from model.downstream.objective import ClassifyObjective, rank_answers
+from model.downstream.tasks import build_task_model
 
 NO_DROPOUT = ("model.text.hidden_dropout=0.0", "model.text.attn_dropout=0.0")
 

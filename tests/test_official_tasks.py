@@ -33,9 +33,9 @@ import model.downstream.objective as task_objective_module
 from model.build import build_albef
 from model.config.task import TaskConfig
 from model.downstream.backbone import bert_config, load_backbones
-from model.downstream.finetune import make_objective, ta_to_nlvr
 from model.downstream.keymap import map_official_task_state, ours_task_key_to_official
-from model.downstream.models import build_task_model
+from model.downstream.tasks import build_task_model, task_spec
+from model.downstream.tasks.nlvr import ta_to_nlvr
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_snli_ve_matches_the_official_model(pretrain, monkeypatch) -> None:
         assert_same("VE eval logits", student.eval()(batch["images"], batch["input_ids"],
                                                      batch["attention_mask"]),
                     rec["eval_logits"])
-    objective = make_objective(_task("ve"), student.train(), teacher, cfg, 0, 0)
+    objective = task_spec("ve").objective(_task("ve"), student.train(), teacher, cfg, 0, 0)
     spy = LossSpy(monkeypatch, "distilled_cross_entropy")
     step = objective(batch, rec["provenance"]["alpha"])
     logits, _, teacher_logits, _ = spy.calls[0]
@@ -202,7 +202,7 @@ def test_nlvr2_from_the_official_text_assignment_file(pretrain, monkeypatch) -> 
         logits = student.eval()(batch["images0"], batch["images1"], batch["input_ids"],
                                 batch["attention_mask"])
     assert_same("NLVR2 eval logits", logits, rec["eval_logits"])
-    objective = make_objective(_task("nlvr"), student.train(), teacher, cfg, 0, 0)
+    objective = task_spec("nlvr").objective(_task("nlvr"), student.train(), teacher, cfg, 0, 0)
     spy = LossSpy(monkeypatch, "distilled_cross_entropy")
     step = objective(batch, rec["provenance"]["alpha"])
     logits, _, teacher_logits, _ = spy.calls[0]
@@ -225,7 +225,7 @@ def test_vqa_decoder_initialisation_ranking_and_training_match(pretrain, monkeyp
              "attention_mask": b["attention_mask"], "answer_ids": b["answer_ids"],
              "answer_mask": b["answer_mask"], "answer_counts": b["answer_counts"],
              "answer_weights": b["answer_weights"]}
-    objective = make_objective(_task("vqa"), student, teacher, cfg, 0, 0)
+    objective = task_spec("vqa").objective(_task("vqa"), student, teacher, cfg, 0, 0)
     objective.eval()
     ids, probs = objective.rank(batch, b["answer_list_ids"], b["answer_list_mask"], b["k_test"])
     assert torch.equal(ids, rec["topk_ids"]), (ids, rec["topk_ids"])

@@ -7,19 +7,13 @@ training sees no unused parameters. Sub-module names follow ALBEF's roles: ``vis
 
 from __future__ import annotations
 
-import copy
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.albef import ALBEF
 from model.bert import FusionEncoder, TextEncoder
 from model.downstream.heads import AnswerDecoder, ClassifierHead, PairFusionEncoder
 
-Task = Literal["ve", "nlvr", "nlvr_ta", "vqa"]
-N_CLASSES = {"ve": 3, "nlvr": 2, "nlvr_ta": 3}
 # ALBEF's text-assignment step samples the second image with softmax(sim / 0.07), a fixed
 # temperature (not the learned one).
 TA_TEMPERATURE = 0.07
@@ -111,26 +105,3 @@ class VQAModel(nn.Module):
         """Teacher-forced decoder logits (N, La, V); ``states`` / ``question_mask`` already
         repeated once per answer (N rows)."""
         return self.decoder(answer_ids, answer_mask, states, question_mask)
-
-
-def build_task_model(task: Task, albef: ALBEF, bert_config) -> nn.Module:
-    """The task network from a (pre-trained) ALBEF; its modules are deep-copied, so the ALBEF
-    stays usable. ``bert_config`` is the text side's config (for the VQA decoder)."""
-    visual = copy.deepcopy(albef.visual_encoder)
-    text = copy.deepcopy(albef.text_encoder)
-    hidden = bert_config.hidden_size
-    if task == "ve":
-        return VEModel(visual, text, copy.deepcopy(albef.fusion_encoder), hidden, N_CLASSES[task])
-    if task in ("nlvr", "nlvr_ta"):
-        pair = PairFusionEncoder.from_fusion(albef.fusion_encoder)
-        proj = copy.deepcopy(albef.vision_proj) if task == "nlvr_ta" else None
-        return NLVRModel(visual, text, pair, hidden, N_CLASSES[task], vision_proj=proj)
-    if task == "vqa":
-        if albef.mlm_head is None:
-            raise ValueError("the VQA decoder's LM head starts from the MLM head; build the "
-                             "ALBEF with its MLM head (with_mlm=True)")
-        decoder = AnswerDecoder.from_pretrained(bert_config, albef.text_encoder,
-                                                albef.fusion_encoder, albef.mlm_head)
-        return VQAModel(visual, text, copy.deepcopy(albef.fusion_encoder), decoder)
-    raise ValueError(f"unknown task {task!r}; expected one of ve, nlvr, nlvr_ta, vqa")
-
