@@ -289,3 +289,19 @@ def test_debug_cluster_runs_the_cli_path_and_records_it(
     assert f"job {record['job_id']}" in printed
     assert printed.count("### tiny-b2-fp32") == 1  # printed by the job only
     assert list(pd.read_csv(out / "steps.csv")["variant"]) == ["albef"]
+
+
+@pytest.mark.slow
+def test_zero_shards_the_adamw_state_across_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks: without ZeRO each holds the whole AdamW state, with it the shards add up
+    to exactly that state (2 moments per trainable parameter, float32, plus step counters)."""
+    from benchmarks.bench_zero import measure as measure_zero
+
+    frame = measure_zero("tiny", 2)
+    plain, zero = frame[~frame["zero"]], frame[frame["zero"]]
+    params = int(frame["params"].iloc[0])
+    full = plain["optimizer_state_mib"].to_numpy() * 2**20
+    assert full[0] == full[1] and 8 * params <= full[0] <= 8 * params + 4 * 1024
+    shards = zero["optimizer_state_mib"].to_numpy() * 2**20
+    assert all(s < full[0] for s in shards)
+    assert abs(shards.sum() - full[0]) < 1e-6
