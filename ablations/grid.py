@@ -115,7 +115,7 @@ def _cell_config(matrix: MatrixFile, matrix_path: Path, name: str, preset: str,
     cfg = replace_path(cfg, "data.cache_dir", str(Path(cfg.data.cache_dir).resolve()))
     cfg = replace_path(cfg, "train.seed", seed, source=f"{matrix_path} seeds")
     if cfg.downstream:  # each fine-tuning / zero-shot stage's config must be valid too
-        from model.engine.protocol import load_protocols, validate_downstream
+        from model.config.protocols import load_protocols, validate_downstream
 
         validate_downstream(cfg, load_protocols(root / PROTOCOLS_NAME))
     return cfg
@@ -134,7 +134,7 @@ def _protocol_digests(layers: dict[str, Any], matrix_path: Path) -> dict[str, st
     names = layers.get("downstream") or []
     if not names:
         return {}
-    from model.engine.protocol import load_protocols, protocol_digest
+    from model.config.protocols import load_protocols, protocol_digest
 
     registry = load_protocols(matrix_path.parent / PROTOCOLS_NAME)
     return {n: protocol_digest(registry, n) for n in registry.resolve_order(names)}

@@ -1,7 +1,7 @@
 """Throughput of retrieval evaluation: ITC top-k + ITM re-ranking, batched vs per-query loop.
 
 A split of N images x 5N captions (ALBEF's COCO/Flickr layout) is encoded once with a randomly
-initialised ALBEF of a cases.yaml model size; then ``model.engine.retrieval.rerank_itm``
+initialised ALBEF of a cases.yaml model size; then ``model.evaluation.rerank.rerank_itm``
 (many queries per fusion call) and ``rerank_itm_loop`` (one query per call, ALBEF's loop) score
 the same ITC top-k cells. Their runs are interleaved (batched, loop, batched, loop, ...) so that
 machine noise hits both; the medians, the speed-up and the largest score difference between the
@@ -37,15 +37,8 @@ from benchmarks.measure import device_name, environment, synchronize
 from benchmarks.report import render_markdown
 from model.albef import ALBEF
 from model.build import build_albef
-from model.engine.retrieval import (
-    EVAL_MAX_LENGTH,
-    RetrievalFeatures,
-    eval_mode,
-    itc_scores,
-    rerank_itm,
-    rerank_itm_dedup,
-    rerank_itm_loop,
-)
+from model.evaluation.features import EVAL_MAX_LENGTH, RetrievalFeatures, eval_mode, itc_scores
+from model.evaluation.rerank import rerank_itm, rerank_itm_dedup, rerank_itm_loop
 
 log = logging.getLogger(__name__)
 CAPTIONS_PER_IMAGE = 5

@@ -53,9 +53,9 @@ def _run_cell(cell: str, seed: int, matrix: str, protocols: Sequence[str]) -> di
 
     from ablations.grid import expand
     from model.cell.stages import run_downstream
+    from model.config.protocols import load_protocols, stage_config
     from model.downstream.data import resolve_task_files
     from model.downstream.tasks import task_spec
-    from model.engine.protocol import load_protocols, stage_config
     from model.engine.resume import checkpoint_path
     from model.engine.run_io import read_run
 
@@ -122,7 +122,7 @@ def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
 
 def _paper_rows() -> dict[str, dict[str, float]]:
     from ablations.grid import PROTOCOLS_FILE
-    from model.engine.protocol import load_protocols
+    from model.config.protocols import load_protocols
 
     registry = load_protocols(PROTOCOLS_FILE)
     rows: dict[str, dict[str, float]] = defaultdict(dict)
@@ -201,8 +201,8 @@ def _test_splits(name: str) -> list[str]:
 def _eval_sizes() -> dict[str, tuple[int, int]]:
     """(val / dev, test) examples of each stand-in, from the protocols' synthetic sizes."""
     from ablations.grid import PROTOCOLS_FILE
+    from model.config.protocols import load_protocols
     from model.data.synthetic_tasks import VE_STATEMENTS_PER_IMAGE, VQA_QUESTIONS_PER_IMAGE
-    from model.engine.protocol import load_protocols
 
     registry = load_protocols(PROTOCOLS_FILE)
     per_image = {"snli_ve": VE_STATEMENTS_PER_IMAGE, "nlvr2": 1,

@@ -41,15 +41,15 @@ from torch import Tensor  # noqa: E402
 from model.albef import ALBEF  # noqa: E402
 from model.config.experiment import load_experiment  # noqa: E402
 from model.data.transforms import build_transform  # noqa: E402
-from model.engine.compositional import (  # noqa: E402
+from model.engine.data import build_tokenizer  # noqa: E402
+from model.engine.train import Trainer, run_step, setup  # noqa: E402
+from model.evaluation.compositional import (
     caption_groups,
     load_images,
     load_negative_items,
     negative_kinds,
 )
-from model.engine.data import build_tokenizer  # noqa: E402
-from model.engine.retrieval import EVAL_MAX_LENGTH, eval_mode  # noqa: E402
-from model.engine.train import Trainer, run_step, setup  # noqa: E402
+from model.evaluation.features import EVAL_MAX_LENGTH, eval_mode  # noqa: E402
 
 log = logging.getLogger(__name__)
 

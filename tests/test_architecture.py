@@ -122,7 +122,7 @@ def test_the_rules_see_real_imports(graph: dict[str, set[str]]) -> None:
     assert "model.engine.train" in graph["model.cell.pipeline"]
     assert "model.downstream.run" in graph["model.cell.stages"]
     assert "slurm.spec" in graph["ablations.grid"]
-    assert "model.engine.gallery" in graph["model.cli.gallery"]
+    assert "model.evaluation.gallery" in graph["model.cli.gallery"]
     assert "model.method.gradcam" in graph["model.method.softmask"]
 
 
@@ -144,3 +144,15 @@ def test_only_the_task_modules_know_which_task_they_are(graph: dict[str, set[str
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, "task.name compared outside the task modules: " + ", ".join(offenders)
     assert "model.downstream.tasks" in graph["model.downstream.run"]
+
+
+def test_evaluation_is_apart_from_training(graph: dict[str, set[str]]) -> None:
+    """model/evaluation/ evaluates checkpoints and models it is handed: it never imports the
+    trainer or the training step, and the training loop never imports it (the cell pipeline
+    and the stages join the two)."""
+    evaluation = {m for m in graph if m.startswith("model.evaluation")}
+    assert evaluation, "no model.evaluation modules found"
+    for module in evaluation:
+        assert not graph[module] & {"model.engine.train", "model.engine.step"}, module
+    for module in (m for m in graph if m.startswith("model.engine")):
+        assert not any(d.startswith("model.evaluation") for d in graph[module]), module

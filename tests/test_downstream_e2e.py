@@ -17,7 +17,7 @@ from model.cell.stages import run_downstream
 from model.cli.evaluate import main as evaluate_main
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError
-from model.engine.protocol import load_protocols, validate_downstream
+from model.config.protocols import load_protocols, validate_downstream
 from model.engine.train import train
 
 STAGE_SETS = ["train.max_steps=3", "train.epochs=1", "train.batch_size=8", "train.log_every=1"]

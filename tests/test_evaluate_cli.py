@@ -18,10 +18,10 @@ from ablations.grid import PROTOCOLS_FILE
 from model.checkpoints import infer_text_layers, ours_to_albef
 from model.cli.evaluate import main, rebase_data_paths
 from model.config.experiment import load_experiment
+from model.config.protocols import load_protocols, stage_config
 from model.engine.data import resolve_sources
-from model.engine.evaluation import file_sha256
-from model.engine.protocol import load_protocols, stage_config
 from model.engine.train import train
+from model.evaluation.checkpoint import file_sha256
 from model.release import export_release
 
 RECALLS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")

@@ -153,7 +153,9 @@ def test_a_python_tag_in_a_run_config_is_one_line_and_runs_nothing(tmp_path: Pat
 ])
 def test_bad_values_are_refused_by_the_dry_run(tmp_path: Path, capsys, setting: str,
                                                message: str) -> None:
-    assert run_grid.main(_dry(tmp_path, "--set", setting)) == 2
+    # an empty data cache: the synthetic vocabulary does not exist yet, whatever ran before
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    assert run_grid.main(_dry(tmp_path, "--set", setting, "--set", cache)) == 2
     err = capsys.readouterr().err
     assert message in err and setting.split("=")[0].rsplit(".", 1)[-1] in err
     assert _nothing_written(tmp_path)

@@ -14,7 +14,7 @@ from model.data.synthetic import SyntheticSpec, generate
 from model.data.tokenizer import TextTokenizer
 from model.data.transforms import build_transform
 from model.engine.data import special_ids
-from model.engine.localisation import (
+from model.evaluation.localisation import (
     inside_boxes,
     load_box_items,
     localisation_scores,

@@ -13,7 +13,7 @@ from PIL import Image
 from tiny import SPECIAL, tiny_objective
 
 from model.data.transforms import build_transform
-from model.engine.occlusion import box_pixels, occlude, occlusion_scores
+from model.evaluation.occlusion import box_pixels, occlude, occlusion_scores
 
 
 def _scene() -> tuple[np.ndarray, list[list[float]]]:

@@ -35,13 +35,9 @@ from model.checkpoints import load_albef_checkpoint
 from model.checkpoints.keymap import ours_key_to_albef
 from model.config.experiment import load_experiment
 from model.data.tokenizer import TextTokenizer
-from model.engine.retrieval import (
-    extract_features,
-    itc_scores,
-    rerank_itm,
-    rerank_itm_dedup,
-    retrieval_metrics,
-)
+from model.evaluation.features import extract_features, itc_scores
+from model.evaluation.rerank import rerank_itm, rerank_itm_dedup
+from model.evaluation.retrieval import retrieval_metrics
 from model.method.gradcam import gradcam_maps
 from model.text_masking import SpecialIds
 

@@ -20,11 +20,8 @@ from model.cell.pipeline import run_cell
 from model.cell.stages import run_downstream
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError
-from model.engine.protocol import (
-    describe_checkpoint,
-    load_protocols,
-    stage_config,
-)
+from model.config.protocols import load_protocols, stage_config
+from model.evaluation.checkpoint import describe_checkpoint
 
 BASE_FILE = PROTOCOLS_FILE.parent / "base.yaml"
 PAPER_PROTOCOLS = {"coco_finetune", "flickr_finetune", "flickr_zeroshot", "coco_zeroshot",

@@ -18,21 +18,17 @@ from model.data.datasets import RetrievalEvalDataset
 from model.data.synthetic import SyntheticSpec, generate
 from model.data.tokenizer import TextTokenizer, build_wordpiece_vocab
 from model.data.transforms import build_transform
-from model.engine import retrieval
-from model.engine.compositional import compositional_accuracy, load_negative_items, score_pairs
-from model.engine.retrieval import (
-    UNSCORED,
+from model.evaluation import rerank
+from model.evaluation.compositional import compositional_accuracy, load_negative_items, score_pairs
+from model.evaluation.features import (
     RetrievalFeatures,
     eval_mode,
-    evaluate_retrieval,
     extract_features,
     feature_cache_key,
     itc_scores,
-    itm_match_logit,
-    rerank_itm,
-    rerank_itm_loop,
-    retrieval_metrics,
 )
+from model.evaluation.rerank import UNSCORED, itm_match_logit, rerank_itm, rerank_itm_loop
+from model.evaluation.retrieval import evaluate_retrieval, retrieval_metrics
 
 KEYS = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "txt_r_mean", "img_r_mean", "r_mean"]
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right", "of", "the", "a", "above"]
@@ -240,16 +236,16 @@ def test_deduplicated_rerank_equals_loop_and_scores_each_pair_once(
     the scored cells and the rankings are the loop's."""
     sim = itc_scores(features)
     calls: list[int] = []
-    real = retrieval.itm_match_logit
+    real = rerank.itm_match_logit
 
     def counting(net, image, text_states, text_mask, cls_only=False):
         calls.append(text_states.shape[0])  # pairs in this fusion call
         return real(net, image, text_states, text_mask, cls_only)
 
-    monkeypatch.setattr(retrieval, "itm_match_logit", counting)
-    i2t, t2i, stats = retrieval.rerank_itm_dedup(model, features, sim, k_test=8,
+    monkeypatch.setattr(rerank, "itm_match_logit", counting)
+    i2t, t2i, stats = rerank.rerank_itm_dedup(model, features, sim, k_test=8,
                                                  batch_size=batch_size)
-    monkeypatch.setattr(retrieval, "itm_match_logit", real)
+    monkeypatch.setattr(rerank, "itm_match_logit", real)
     loop = rerank_itm_loop(model, features, sim, k_test=8)
     for fast, ref in zip((i2t, t2i), loop, strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
@@ -313,7 +309,7 @@ def test_deduplicated_rerank_on_a_hand_built_split() -> None:
         text_states=torch.tensor([[[0.0, 10.0]], [[0.0, 20.0]], [[0.0, 30.0]]]),
         text_mask=torch.ones(3, 1, dtype=torch.long))
     sim = itc_scores(feats)  # image 0 ~ caption 1 (1.0), image 1 ~ caption 0 (1.0)
-    i2t, t2i, stats = retrieval.rerank_itm_dedup(Fixed(), feats, sim, k_test=1)
+    i2t, t2i, stats = rerank.rerank_itm_dedup(Fixed(), feats, sim, k_test=1)
     assert stats == {"pairs": 5.0, "unique_pairs": 3.0, "dedupe_share": pytest.approx(0.4)}
     assert i2t[0, 1] == 21.0 and i2t[1, 0] == 12.0
     assert t2i[1, 0] == 21.0 and t2i[0, 1] == 12.0 and t2i[2, int(sim[:, 2].argmax())] > 0
@@ -349,14 +345,14 @@ def test_distributed_row_split_sums_to_single_process(
 ) -> None:
     """Each simulated rank scores its contiguous rows; the sum equals the 1-process matrix."""
     for n_rows, world in [(12, 5), (60, 5), (7, 8), (10, 3)]:
-        owned = [retrieval._owned_rows(n_rows, r, world) for r in range(world)]
+        owned = [rerank._owned_rows(n_rows, r, world) for r in range(world)]
         assert sorted(i for rows in owned for i in rows) == list(range(n_rows))
     sim = itc_scores(features)
     single = rerank_itm(model, features, sim, k_test=8, batch_size=16)
     total = [torch.zeros_like(single[0]), torch.zeros_like(single[1])]
     for rank in range(3):
-        monkeypatch.setattr(retrieval, "_world", lambda r=rank: (r, 3))
-        monkeypatch.setattr(retrieval, "_combine", lambda scores: scores)
+        monkeypatch.setattr(rerank, "rank_and_world", lambda r=rank: (r, 3))
+        monkeypatch.setattr(rerank, "_combine", lambda scores: scores)
         part = rerank_itm(model, features, sim, k_test=8, batch_size=16)
         total = [t + p for t, p in zip(total, part, strict=True)]
     for summed, ref in zip(total, single, strict=True):

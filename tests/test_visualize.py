@@ -1,4 +1,4 @@
-"""The Grad-CAM gallery (model/engine/gallery.py, model/cli/gallery.py): library and CLI;
+"""The Grad-CAM gallery (model/evaluation/gallery.py, model/cli/gallery.py): library and CLI;
 the PNG is looked at.
 
 A tiny model is trained for a few steps with the real trainer on a small synthetic set (so the
@@ -25,9 +25,9 @@ from model.cli import gallery as gallery_cli
 from model.config.experiment import load_experiment
 from model.data.synthetic import SyntheticSpec, generate
 from model.data.transforms import build_transform
-from model.engine import gallery
-from model.engine.gallery import CAPTION_H, LABEL_H, PAD, gradcam_gallery, overlay
 from model.engine.train import train
+from model.evaluation import gallery
+from model.evaluation.gallery import CAPTION_H, LABEL_H, PAD, gradcam_gallery, overlay
 from model.method.gradcam import gradcam_maps, minmax_normalise
 
 PANEL = 128

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from model.cell.stages import run_downstream
+from model.config.protocols import ProtocolRegistry, load_protocols, validate_downstream
 from model.config.schema import ExperimentConfig
 from model.engine.distributed import barrier, cleanup_distributed
-from model.engine.evaluation import evaluate_trained
 from model.engine.guard import blowup_text, detect_blowup
-from model.engine.protocol import ProtocolRegistry, load_protocols, validate_downstream
 from model.engine.resume import checkpoint_path
 from model.engine.run_io import (
     DONE,
@@ -40,6 +39,7 @@ from model.engine.run_io import (
 from model.engine.run_lock import RunLock
 from model.engine.tracking import make_tracker
 from model.engine.train import train
+from model.evaluation.checkpoint import evaluate_trained
 from model.safe_paths import UnsafePathError, symlinks_in, write_text_no_follow
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, identity: dict[str, Any], device:
     # Every rank evaluates: under torch.distributed the ITM re-ranking splits the query rows
     # across ranks and all-reduces them (a rank-0-only call would wait forever).
     with torch.no_grad():
-        metrics, provenance = evaluate_trained(tr)
+        metrics, provenance = evaluate_trained(tr.cfg, tr.objective.student, tr.dist.device,
+                                                 tr.sources, tr.run_dir, tr.state.global_step)
     # ITM by pair type over the last quarter of training (the table's clean-pair accuracy);
     # accuracies in percent like every other metric, losses as they are.
     late = late_training_means(run_dir / METRICS, "itm/", summary.steps)

@@ -17,17 +17,11 @@ from typing import Any
 import torch
 
 from model.config.loader import dump_yaml, to_dict
+from model.config.protocols import PRETRAIN, ProtocolRegistry, stage_config
 from model.config.recipe import run_hash
 from model.config.schema import ExperimentConfig
 from model.downstream.run import run_task
 from model.engine.distributed import barrier, init_distributed
-from model.engine.evaluation import evaluate_trained
-from model.engine.protocol import (
-    PRETRAIN,
-    ProtocolRegistry,
-    evaluate_checkpoint,
-    stage_config,
-)
 from model.engine.resume import checkpoint_path
 from model.engine.run_io import (
     CONFIG,
@@ -39,6 +33,7 @@ from model.engine.run_io import (
     write_json_atomic,
 )
 from model.engine.train import train
+from model.evaluation.checkpoint import evaluate_checkpoint, evaluate_trained
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +92,8 @@ def _train_stage(registry: ProtocolRegistry, name: str, stage_cfg: ExperimentCon
                         progress=progress)
     barrier()
     with torch.no_grad():  # all ranks: the re-ranking is split across them
-        metrics, provenance = evaluate_trained(tr)
+        metrics, provenance = evaluate_trained(tr.cfg, tr.objective.student, tr.dist.device,
+                                                 tr.sources, tr.run_dir, tr.state.global_step)
     if not tr.dist.is_main:
         return None
     provenance.update(_stage_provenance(registry, name, stage_cfg, init, init_size))

@@ -37,22 +37,24 @@ from typing import Any
 from model.checkpoints import CheckpointMismatchError, CheckpointReadError
 from model.config.experiment import load_experiment
 from model.config.loader import ConfigError, replace_path
+from model.config.protocols import (
+    RECALL_KEYS,
+    TASK_METRIC_KEYS,
+    ProtocolRegistry,
+    eval_image_size,
+    load_protocols,
+    stage_config,
+)
 from model.config.schema import ExperimentConfig
 from model.config.task import TaskConfig
 from model.downstream.run import run_task
-from model.engine.protocol import (
-    RECALL_KEYS,
-    TASK_METRIC_KEYS,
+from model.engine.run_io import CONFIG, RESULT, write_json_atomic
+from model.evaluation.checkpoint import (
     CheckpointInfo,
-    ProtocolRegistry,
-    eval_image_size,
     evaluate_checkpoint,
-    load_protocols,
     protocol_warnings,
     read_checkpoint_file,
-    stage_config,
 )
-from model.engine.run_io import CONFIG, RESULT, write_json_atomic
 
 log = logging.getLogger("model.cli.evaluate")
 

@@ -1,5 +1,5 @@
 """``python -m model.cli.gallery --run-dir RUN``: the per-word Grad-CAM gallery of a trained run
-(model/engine/gallery.py), from its evaluation split or from given image/caption pairs."""
+(model/evaluation/gallery.py), from its evaluation split or from given image/caption pairs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.engine.gallery import GalleryResult, gradcam_gallery
+from model.evaluation.gallery import GalleryResult, gradcam_gallery
 
 
 def _load_config(run_dir: Path, sets: Sequence[str]):
@@ -31,7 +31,7 @@ def _eval_pairs(cfg, sources, n: int
     """The first ``n`` evaluation images with their first caption, and their object boxes when
     the split has a boxes file (synthetic data)."""
     from model.engine.data import build_eval_dataset
-    from model.engine.localisation import load_box_items
+    from model.evaluation.localisation import load_box_items
 
     dataset = build_eval_dataset(cfg, sources)
     by_image = ({item["image"]: [o["box"] for o in item["objects"]]

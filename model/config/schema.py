@@ -448,7 +448,7 @@ class EvalConfig:
     # Keep the split's features next to the checkpoint so re-ranking variants reuse them
     # (~9 GB for COCO 5K at 384 px, hence off by default).
     cache_features: bool = False
-    # ITM re-ranking schedule (model/engine/retrieval.py): "dedupe" scores each (image,
+    # ITM re-ranking schedule (model/evaluation/rerank.py): "dedupe" scores each (image,
     # caption) pair once, in length-sorted batches; "batched" scores each direction's top-k
     # separately, as ALBEF does. Same scores up to float summation order.
     rerank: Literal["batched", "dedupe"] = "dedupe"

@@ -35,7 +35,7 @@ from torch import Tensor
 from model.albef import ALBEF
 from model.data.captions import pre_caption
 from model.data.tokenizer import TextTokenizer
-from model.engine.retrieval import EVAL_MAX_LENGTH, eval_mode
+from model.evaluation.features import EVAL_MAX_LENGTH, eval_mode
 from model.method.gradcam import gradcam_maps
 
 logger = logging.getLogger(__name__)

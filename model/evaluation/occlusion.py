@@ -29,13 +29,13 @@ from torch import Tensor
 from model.albef import ALBEF
 from model.data.captions import pre_caption
 from model.data.tokenizer import TextTokenizer
-from model.engine.retrieval import (
+from model.evaluation.features import (
     EVAL_MAX_LENGTH,
     RetrievalFeatures,
     eval_mode,
     extract_features,
-    rerank_itm,
 )
+from model.evaluation.rerank import rerank_itm
 
 RING = 2  # pixels of background around a box whose mean colour fills it
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from model.albef import ALBEF
 from model.data.captions import pre_caption
 from model.data.tokenizer import TextTokenizer
-from model.engine.retrieval import EVAL_MAX_LENGTH, eval_mode, itm_match_logit
+from model.evaluation.features import EVAL_MAX_LENGTH, eval_mode
+from model.evaluation.rerank import itm_match_logit
 
 logger = logging.getLogger(__name__)
 
