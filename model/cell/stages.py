@@ -2,7 +2,7 @@
 ``<run_dir>/<protocol>/``: retrieval fine-tuning through ``model.engine.train.train`` (which
 resumes), zero-shot evaluation, and the SNLI-VE / NLVR2 / VQA task stages of
 ``model.downstream``. A stage with its own ``DONE`` is skipped; a changed stage config is an
-error, not a silent rerun. The protocols and stage configs are ``model.engine.protocol``'s.
+error, not a silent rerun. The protocols and stage configs are ``model.config.protocols``'s.
 """
 
 from __future__ import annotations
