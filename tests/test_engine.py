@@ -269,6 +269,47 @@ def test_resume_with_another_config_is_refused(synthetic_cache: Path, tmp_path: 
     assert summary.resumed_from == 1 and summary.steps == 2
 
 
+def test_a_preemption_signal_during_the_checkpoint_write_waits_for_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM's pre-emption warning may arrive while ``torch.save`` runs. submitit's handler
+    requeues and calls ``sys.exit``; raised inside the zip writer it turned the requeue into a
+    failed job (the writer's cleanup raised its own error). The handler must run after the file
+    is complete, and the new checkpoint must be the one in place."""
+    import os
+    import signal
+
+    from model.engine import resume
+
+    objective = tiny_objective()
+    optimizer = build_optimizer(objective, tiny_config().train)
+    handled: list[bool] = []
+
+    def requeue_and_exit(_signum: int, _frame: object) -> None:  # what submitit's handler does
+        handled.append(checkpoint_exists())
+        raise SystemExit(-1)
+
+    def checkpoint_exists() -> bool:
+        return (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+    real_save = torch.save
+
+    def save_while_signalled(obj: object, fh: object) -> None:
+        os.kill(os.getpid(), signal.SIGUSR2)  # its Python handler would run at the next bytecode
+        real_save(obj, fh)
+
+    previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    monkeypatch.setattr(resume.torch, "save", save_while_signalled)
+    try:
+        with pytest.raises(SystemExit):
+            resume.save_checkpoint(tmp_path, objective, optimizer,
+                                   resume.TrainState(epoch=0, batch=3, global_step=3), {}, "h")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert handled == [True]  # ran once, after the rename
+    assert signal.getsignal(signal.SIGUSR2) is previous
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["state"]["global_step"] == 3
+
+
 def test_batches_per_epoch_holds_when_resumed_at_an_epoch_end() -> None:
     """A checkpoint written after an epoch's last batch resumes with a sampler of length 0; the
     epoch length must still come from the sampler (a falsy sampler once read as the dataset)."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.atomic import signals_deferred
 from model.build import build_albef, resolve_vocab_size
 from model.checkpoints import LoadReport, apply_state, read_state
 from model.config.loader import to_dict
@@ -42,8 +43,9 @@ def save_task_checkpoint(path: Path, model: torch.nn.Module, task: TaskConfig,
                          cfg: ExperimentConfig) -> None:
     """The fine-tuned task model (student; our naming), written atomically."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "task": task.name, "config": to_dict(cfg)}, tmp)
-    os.replace(tmp, path)
+    with signals_deferred():  # a pre-emption exit inside the zip writer would fail the job
+        torch.save({"model": model.state_dict(), "task": task.name, "config": to_dict(cfg)}, tmp)
+        os.replace(tmp, path)
 
 
 def load_task_model(cfg: ExperimentConfig, task: TaskConfig, state: Mapping[str, Tensor],

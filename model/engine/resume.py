@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.atomic import signals_deferred
 from model.checkpoints import read_checkpoint
 from model.objective import Objective
 
@@ -106,11 +107,12 @@ def save_checkpoint(run_dir: str | Path, objective: Objective, optimizer: torch.
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)  # a file (or a planted symlink) left there is never written through
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(tmp, flags, 0o644), "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with signals_deferred():
+        with os.fdopen(os.open(tmp, flags, 0o644), "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     return path
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.albef import ALBEF
+from model.atomic import signals_deferred
 from model.data.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ class RetrievalFeatures:
         payload = {"format": _FEATURE_FORMAT, "key": self.key,
                    **{k: v.cpu() for k, v in self._tensors().items()}}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with signals_deferred():  # a pre-emption exit inside the zip writer would fail the job
+            torch.save(payload, tmp)
+            tmp.replace(path)
         return path
 
     @classmethod
