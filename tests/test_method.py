@@ -250,6 +250,38 @@ def test_gradcam_matches_independent_per_sample_computation(layer: int) -> None:
     assert maps[:, 1:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_the_objective_takes_gradcam_at_the_configured_fusion_layer(layer: int,
+                                                                    monkeypatch) -> None:
+    """The cross-attention map the objective hands to Grad-CAM is the one of fusion layer
+    ``softmask.layer``, recomputed here from the positive pass's own inputs."""
+    obj = make_objective(make_cfg("softmask.mode=gradcam", f"softmask.layer={layer}"))
+    obj.eval()  # no dropout: the recomputation sees the same network
+    inputs, maps_in = [], []
+    handle = obj.student.fusion_encoder.register_forward_pre_hook(
+        lambda _m, args: inputs.append(tuple(a.detach().clone() if torch.is_tensor(a) else a
+                                             for a in args)))
+    real = objective_module.gradcam_maps
+
+    def recording(logits: Tensor, cross_attn: Tensor, mask: Tensor) -> Tensor:
+        maps_in.append(cross_attn.detach().clone())
+        return real(logits, cross_attn, mask)
+
+    monkeypatch.setattr(objective_module, "gradcam_maps", recording)
+    try:
+        obj(make_batch(), 0.4)
+    finally:
+        handle.remove()
+    assert len(maps_in) == 1
+    states, mask, tokens = inputs[0][:3]  # the positive pass comes first
+    with torch.no_grad():
+        per_layer = [obj.student.fusion_encoder(states, mask, tokens, i).cross_attn
+                     for i in range(len(obj.student.fusion_encoder.layer))]
+    torch.testing.assert_close(maps_in[0], per_layer[layer])
+    others = [i for i in range(len(per_layer)) if i != layer]
+    assert all(not torch.allclose(maps_in[0], per_layer[i]) for i in others)
+
+
 def test_gradcam_last_layer_words_are_zero_hence_config_check() -> None:
     """The reason for the schema's ``softmask.layer < fusion_layers - 1`` check."""
     cfg = make_cfg()

@@ -158,6 +158,14 @@ class _ArrayStream:
             raise DataFileError(f"{self._path}: unexpected {extra!r} after the closing ']'")
 
 
+def read_json_items(path: Path, what: str) -> list[Any]:
+    """A whole JSON file that must be a non-empty list (an evaluation's item file)."""
+    items = read_json(path, what)
+    if not isinstance(items, list) or not items:
+        raise DataFileError(f"{path}: expected a non-empty JSON list of items")
+    return items
+
+
 def iter_json_array(path: Path, what: str = "JSON list") -> Iterator[Any]:
     """Yield the elements of a top-level JSON list one at a time (constant memory).
 

@@ -17,7 +17,6 @@ wins, reported as ``comp/random`` but not averaged in.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from model.albef import ALBEF
 from model.data.captions import pre_caption
+from model.data.jsonio import read_json_items
 from model.data.tokenizer import TextTokenizer
 from model.evaluation.features import EVAL_MAX_LENGTH, eval_mode
 from model.evaluation.rerank import itm_match_logit
@@ -43,9 +43,7 @@ REFERENCE_KINDS = ("random",)
 def load_negative_items(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a hard-negative file (a JSON list of items, see the module doc)."""
     path = Path(path)
-    items = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty JSON list of items")
+    items = read_json_items(path, "hard-negative file")
     for index, item in enumerate(items):
         ok = (isinstance(item, dict) and isinstance(item.get("image"), str)
               and isinstance(item.get("caption"), str) and isinstance(item.get("negatives"), dict)

@@ -21,7 +21,6 @@ y1]}]}`` with boxes in the stored image's pixels (``test_boxes.json`` of the syn
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from model.albef import ALBEF
 from model.data.captions import pre_caption
+from model.data.jsonio import read_json_items
 from model.data.tokenizer import TextTokenizer
 from model.evaluation.features import EVAL_MAX_LENGTH, eval_mode
 from model.method.gradcam import gradcam_maps
@@ -84,9 +84,7 @@ class _Words:
 def load_box_items(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a boxes file (see the module doc)."""
     path = Path(path)
-    items = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty JSON list of items")
+    items = read_json_items(path, "boxes file")
     for index, item in enumerate(items):
         objects = item.get("objects") if isinstance(item, dict) else None
         ok = (isinstance(item, dict) and isinstance(item.get("image"), str)
