@@ -13,9 +13,13 @@ subprocess with its own time limit, so that one crash or OOM never loses the oth
    256), feature extraction and re-rank, batched vs per-query loop
    (``benchmarks.bench_retrieval``), in DIR/retrieval/;
 4. ``parity``: a 200-step tiny training run on CUDA beside the same run on CPU
-   (``benchmarks.device_parity``), in DIR/parity/.
+   (``benchmarks.device_parity``), in DIR/parity/;
+5. ``levers``: the memory levers (activation checkpointing on ALBEF and ours, fused AdamW) at
+   base size, batch 32 and 64 per GPU in bf16, side by side with their plain variants, in
+   DIR/levers/ (``python -m benchmarks.fit_table --bench DIR/levers`` then gives the per-card
+   batch from GPU peaks instead of CPU ones).
 
-``--device cpu`` runs the same four steps at tiny size in seconds (the ``gpu`` tests are then
+``--device cpu`` runs the same five steps at tiny size in seconds (the ``gpu`` tests are then
 skipped): a dry run that CI executes. DIR/environment.json records the machine (GPU, driver,
 CUDA, torch); DIR/summary.md and DIR/summary.json the status, exit code and wall time of every
 step. The exit code is 1 when any step failed or ran out of time.
@@ -37,6 +41,7 @@ import torch
 from benchmarks.measure import environment
 
 REPO = Path(__file__).resolve().parents[1]
+LEVER_VARIANTS = ("albef", "albef_ckpt", "ours", "ours_ckpt", "albef_fused")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ def plan(device: str, out: Path) -> list[Step]:
                 "--repeats", "1", "--out", str(out / "retrieval")), 240),
             Step("parity", "benchmarks.device_parity", (
                 "--device", device, "--steps", "200", "--out", str(out / "parity")), 240),
+            Step("levers", "benchmarks.bench_step", (
+                "--device", device, "--preset", "base", "--batch", "32", "64",
+                "--precision", "bf16", "--variants", *LEVER_VARIANTS, "--iters", "8",
+                "--warmup", "3", "--memory-steps", "2", "--out", str(out / "levers")), 210),
         ]
     return [
         tests,
@@ -78,6 +87,10 @@ def plan(device: str, out: Path) -> list[Step]:
             "1", "--threads", "1", "--out", str(out / "retrieval")), 300),
         Step("parity", "benchmarks.device_parity", (
             "--device", "cpu", "--steps", "10", "--quick", "--out", str(out / "parity")), 300),
+        Step("levers", "benchmarks.bench_step", (
+            "--device", "cpu", "--preset", "tiny", "--batch", "8", "--precision", "fp32",
+            "--variants", *LEVER_VARIANTS, "--iters", "1", "--warmup", "1", "--no-memory",
+            "--threads", "1", "--out", str(out / "levers")), 300),
     ]
 
 
@@ -118,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a tiny dry run)")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=("tests", "cost", "retrieval", "parity"))
+                    choices=("tests", "cost", "retrieval", "parity", "levers"),
+                    help="run these steps only (e.g. split the check over two sessions)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here "

@@ -305,3 +305,52 @@ def test_zero_shards_the_adamw_state_across_ranks(tmp_path: Path) -> None:
     shards = zero["optimizer_state_mib"].to_numpy() * 2**20
     assert all(s < full[0] for s in shards)
     assert abs(shards.sum() - full[0]) < 1e-6
+
+
+def test_fit_table_slope_and_batch_arithmetic() -> None:
+    """Activation per sample is the slope of peak memory over the batch (fixed costs cancel);
+    a card fits floor((capacity x headroom - fixed - context) / per-sample) samples."""
+    from benchmarks.fit_table import activation_per_sample, fit_table, fixed_gib
+
+    steps = pd.DataFrame({"variant": ["albef"] * 2 + ["ours"] * 2,
+                          "label": ["ALBEF"] * 2 + ["Ours"] * 2, "batch": [2, 4, 2, 4],
+                          "peak_mem_mib": [100 + 7 * 2, 100 + 7 * 4, 50 + 2048, 50 + 4096],
+                          "sec_it_median": [1.0, 2.0, 1.0, 2.0]})
+    acts = activation_per_sample(steps)
+    assert acts.set_index("variant")["act_mib_per_sample"].round(6).to_dict() == \
+        {"albef": 7.0, "ours": 1024.0}
+    table = fit_table(acts, fixed=1.0, fixed_zero8=0.5).set_index("variant")
+    assert table.loc["Ours", "24 GB fp32"] == math.floor(24e9 / 2**30 * 0.9 - 1.0 - 1.0)
+    assert table.loc["Ours", "24 GB bf16"] == math.floor((24e9 / 2**30 * 0.9 - 2.0) / 0.5)
+    # checkpointing against its plain variant: 1 - 4/8 of the activation, time at batch 2
+    from benchmarks.fit_table import checkpointing_summary
+
+    ckpt = pd.DataFrame({"variant": ["albef"] * 2 + ["albef_ckpt"] * 2,
+                         "label": ["ALBEF"] * 2 + ["ALBEF + ckpt"] * 2, "batch": [2, 4, 2, 4],
+                         "peak_mem_mib": [100 + 16, 100 + 32, 100 + 8, 100 + 16],
+                         "sec_it_median": [1.0, 2.0, 1.3, 2.9]})
+    assert checkpointing_summary(activation_per_sample(ckpt)) == \
+        "ALBEF + ckpt: 50% less activation memory per sample, 1.30x the time (batch 2)."
+    # the fixed part grows with the model and shrinks with ZeRO
+    tiny = load_suite().models["tiny"]
+    assert fixed_gib(tiny, world=8, zero=True) < fixed_gib(tiny) < 1.0
+
+
+def test_paper_cost_reproduces_its_anchor_and_scales_by_flops() -> None:
+    """At ALBEF's reported pace the ALBEF cell costs exactly 8 GPUs x 2-3 days; a cell with
+    1.1x the FLOPs costs 1.1x; the grid total is the sum over cells times the seeds."""
+    from benchmarks.paper_cost import cost_frame
+
+    counts = {"albef": (300e9, 2**31), "softmask": (330e9, 2**31)}
+    frame, caption = cost_frame(counts, {"albef": "-", "softmask": "softmask"}, seeds=3,
+                                tflops=None)
+    rows = frame.set_index("cell")
+    assert rows.loc["albef", "GPU-h/run"] == "384-576"  # 8 x 48 h, 8 x 72 h
+    assert rows.loc["softmask", "x ALBEF"] == pytest.approx(1.1)
+    assert rows.loc["softmask", "GPU-h/run"] == f"{384 * 1.1:,.0f}-{576 * 1.1:,.0f}"
+    assert f"{3 * 384 * 2.1:,.0f}-{3 * 576 * 2.1:,.0f} GPU-hours" in caption
+    assert "12 GiB" in caption  # 2 cells x 3 seeds x 2 GiB
+    # a measured rate replaces the anchor: 300 GFLOP x 153M samples at 100 TFLOP/s
+    frame, _ = cost_frame(counts, {"albef": "-", "softmask": "softmask"}, 1, tflops=100.0)
+    assert frame.set_index("cell").loc["albef", "GPU-h/run"] == \
+        f"{300e9 * 5.1e6 * 30 / 100e12 / 3600:,.0f}"
