@@ -25,6 +25,7 @@ from model.config.experiment import load_experiment
 from model.config.schema import ExperimentConfig
 from model.engine.optim import build_optimizer
 from model.text_masking import SpecialIds
+from results.paper import load_paper
 
 DEFAULT_CASES = Path(__file__).with_name("cases.yaml")
 REFERENCE = "albef"
@@ -90,7 +91,8 @@ class Suite:
 
 
 def load_suite(path: str | Path = DEFAULT_CASES) -> Suite:
-    """Parse ``cases.yaml`` (variants, models, case grid, paper numbers, planning)."""
+    """Parse ``cases.yaml`` (variants, models, case grid, planning); the paper's cost numbers
+    come from results/paper_numbers.yaml."""
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     variants = {k: Variant(k, v["label"], tuple(v["set"])) for k, v in raw["variants"].items()}
     if REFERENCE not in variants:
@@ -103,7 +105,7 @@ def load_suite(path: str | Path = DEFAULT_CASES) -> Suite:
     # YAML 1.1 reads "4.0e6" as a string: coerce the planning numbers explicitly.
     planning = {k: float(v) for k, v in raw["planning"].items()}
     return Suite(variants, models, raw["cases"], TextSpec(**raw["text"]), raw["peak"],
-                 raw["paper"], planning, Path(path))
+                 load_paper().cost, planning, Path(path))
 
 
 def _pick(available: Sequence[Any], wanted: Sequence[Any] | None, what: str) -> list[Any]:

@@ -123,8 +123,9 @@ def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
 def _paper_rows() -> dict[str, dict[str, float]]:
     from ablations.grid import PROTOCOLS_FILE
     from model.config.protocols import load_protocols
+    from results.paper import PAPER_PATH
 
-    registry = load_protocols(PROTOCOLS_FILE)
+    registry = load_protocols(PROTOCOLS_FILE, paper_file=PAPER_PATH)
     rows: dict[str, dict[str, float]] = defaultdict(dict)
     for name in TASK_PROTOCOLS:
         for method, values in registry.get(name).paper.items():

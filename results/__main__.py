@@ -34,15 +34,14 @@ from results.collect import (
     select_runs,
     write_raw,
 )
+from results.paper import PAPER_PATH, load_paper
 from results.plots import plot_curves, plot_table
 from results.raw_files import raw_destination
 from results.recipes import UNKNOWN, Plan, adopt_plan, recipes_in
 from results.tables import (
-    PAPER_PATH,
     SPECS_PATH,
     Specs,
     build_tables,
-    load_paper,
     load_specs,
     write_summary,
     write_table,

@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from results.collect import curve_order  # noqa: E402
-from results.tables import PaperNumbers, TableResult  # noqa: E402
+from results.paper import PaperNumbers  # noqa: E402
+from results.tables import TableResult  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

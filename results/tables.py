@@ -21,6 +21,7 @@ import yaml
 from scipy import stats
 
 from results.collect import placeholder_record, records_to_frame, select_runs
+from results.paper import PaperNumbers, load_paper
 from results.power import ALPHA, POWER, mde, pooled_sd, seeds_needed
 from results.recipes import (
     Excluded,
@@ -34,7 +35,6 @@ from results.render import CHECK, DASH, latex_escape, latex_symbols, write_files
 logger = logging.getLogger(__name__)
 
 SPECS_PATH = Path(__file__).with_name("table_specs.yaml")
-PAPER_PATH = Path(__file__).with_name("paper_numbers.yaml")
 SIG_MARK = "*"
 SIG_LEVEL = 0.05
 @dataclass(frozen=True)
@@ -87,15 +87,6 @@ class Specs:
     # "other cells" table (cells no spec names) shows Δ against it.
     reference: str = "albef"
     default_metrics: dict[str, list[str]] | None = None
-
-
-@dataclass(frozen=True)
-class PaperNumbers:
-    """Quoted numbers: ``tables[table][cell][metric]``, with their source and setting."""
-
-    source: str
-    setting: str
-    tables: dict[str, dict[str, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -152,12 +143,6 @@ def load_specs(path: Path = SPECS_PATH) -> Specs:
     reference = str(defaults.get("reference") or (first.reference if first else "albef"))
     return Specs(tables=tables, datasets=dict(raw.get("datasets", {})), reference=reference,
                  default_metrics=defaults.get("metrics"))
-
-
-def load_paper(path: Path = PAPER_PATH) -> PaperNumbers:
-    """Parse paper_numbers.yaml into :class:`PaperNumbers`."""
-    raw = yaml.safe_load(Path(path).read_text())
-    return PaperNumbers(source=raw["source"], setting=raw["setting"], tables=raw["tables"])
 
 
 def table_context(frame: pd.DataFrame, spec: TableSpec, datasets: dict[str, str]) -> TableContext:

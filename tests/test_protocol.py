@@ -22,6 +22,7 @@ from model.config.experiment import load_experiment
 from model.config.loader import ConfigError
 from model.config.protocols import load_protocols, stage_config
 from model.evaluation.checkpoint import describe_checkpoint
+from results.paper import PAPER_PATH
 
 BASE_FILE = PROTOCOLS_FILE.parent / "base.yaml"
 PAPER_PROTOCOLS = {"coco_finetune", "flickr_finetune", "flickr_zeroshot", "coco_zeroshot",
@@ -30,7 +31,7 @@ PAPER_PROTOCOLS = {"coco_finetune", "flickr_finetune", "flickr_zeroshot", "coco_
 
 # ------------------------------------------------------------------ registry and configs
 def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
-    reg = load_protocols(PROTOCOLS_FILE)
+    reg = load_protocols(PROTOCOLS_FILE, paper_file=PAPER_PATH)
     assert PAPER_PROTOCOLS <= set(reg.protocols)
     assert reg.resolve_order(["flickr_zeroshot"]) == ["coco_finetune", "flickr_zeroshot"]
     assert reg.resolve_order(["coco_finetune", "flickr_zeroshot"]) == [
@@ -45,8 +46,31 @@ def test_registry_names_the_paper_protocols_and_their_numbers() -> None:
     assert reg.get("flickr_finetune").paper["ALBEF"]["TR@1"] == 94.3
     assert reg.get("flickr_zeroshot").paper["ALBEF"]["IR@10"] == 96.7
     assert reg.get("coco_zeroshot").paper["SoftMask++"]["TR@1"] == 72.3
+    assert reg.get("vqa").paper["ViLT"] == {"test-dev": 71.3}
+    assert "CVPR 2023" in reg.paper_source
     assert reg.get("coco_finetune").split_images == 5000
     assert reg.get("flickr_zeroshot").split_images == 1000
+    # the rows live in the one paper file: without it the registry has none
+    assert all(not p.paper for p in load_protocols(PROTOCOLS_FILE).protocols.values())
+
+
+def test_every_protocol_row_of_the_paper_file_names_a_protocol() -> None:
+    """The loader skips rows of protocols a (user's) protocols file does not define, so the
+    project's two files are checked against each other here."""
+    import yaml
+
+    rows = yaml.safe_load(PAPER_PATH.read_text())["protocols"]
+    assert set(rows) <= set(load_protocols(PROTOCOLS_FILE).protocols)
+    assert {"coco_finetune", "flickr_finetune", "snli_ve", "nlvr2", "vqa"} <= set(rows)
+
+
+def test_bad_paper_values_are_named_with_the_file_and_key(tmp_path: Path) -> None:
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("protocols:\n  coco_finetune: {ALBEF: {TR@1: high}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_protocols(PROTOCOLS_FILE, paper_file=paper)
+    assert f"{paper}: protocols.coco_finetune.ALBEF: expected numbers" in str(err.value)
+
 
 REGISTRY = load_protocols(PROTOCOLS_FILE)
 

@@ -20,8 +20,9 @@ import yaml
 
 from results.__main__ import main
 from results.collect import collect_runs, load_curves, read_raw, read_raw_curves, write_raw
+from results.paper import PAPER_PATH, load_paper
 from results.plots import plot_curves, plot_table
-from results.tables import PAPER_PATH, build_tables, load_paper, load_specs, write_table
+from results.tables import build_tables, load_specs, write_table
 
 GRID = "ablate"
 SEEDS = (0, 1, 2)

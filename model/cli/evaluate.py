@@ -62,6 +62,7 @@ log = logging.getLogger("model.cli.evaluate")
 ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
 BASE_FILE = ABLATIONS / "base.yaml"
 PROTOCOLS_FILE = ABLATIONS / "protocols.yaml"
+PAPER_FILE = ABLATIONS.parent / "results" / "paper_numbers.yaml"  # the paper's quoted rows
 DATA_PREFIX = "data/"
 _PATH_KEYS = ("data.image_root", "data.eval_file", "data.negatives_file")
 
@@ -179,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="cache the split's features here (large at 384 px)")
     parser.add_argument("--protocols-file", help="protocols.yaml to read (default: "
                                                  "ablations/protocols.yaml)")
+    parser.add_argument("--paper-file", help="the paper's numbers (default: "
+                                             "results/paper_numbers.yaml)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow full unpickling of the checkpoint (trusted files only)")
     parser.add_argument("--fail-on-warning", action="store_true",
@@ -257,7 +260,8 @@ def task_markdown_table(rows: Sequence[dict[str, Any]], caption: Sequence[str], 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Run one evaluation from parsed arguments; returns (result.json content, out dir)."""
-    registry = load_protocols(args.protocols_file or PROTOCOLS_FILE)
+    registry = load_protocols(args.protocols_file or PROTOCOLS_FILE,
+                              paper_file=args.paper_file or PAPER_FILE)
     registry.get(args.protocol)
     state, info = read_checkpoint_file(args.checkpoint, trust_pickle=args.trust_pickle)
     cfg, cfg_source = base_config(args, info)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 PRETRAIN = "pretrain"
 RECALL_KEYS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 _ENTRY_KEYS = {"description", "from", "train", "overrides", "synthetic", "dataset", "split",
-               "paper", "task", "task_synthetic"}
+               "task", "task_synthetic"}
 # Metric names of the task protocols' paper rows (model/downstream: SNLI-VE val/test, NLVR2
 # dev/test-P, VQA test-dev/test-std).
 TASK_METRIC_KEYS = ("val", "test", "dev", "test-P", "test-dev", "test-std")
@@ -214,20 +214,22 @@ def _parse_entry(path: Path, name: str, entry: Any, errors: list[str]) -> Protoc
         overrides=_as_paths(path.parent, entry["overrides"], f"{where}.overrides", errors),
         synthetic=_as_paths(path.parent, entry.get("synthetic"), f"{where}.synthetic", errors),
         dataset=str(entry["dataset"]), description=str(entry.get("description") or ""),
-        split_name=str(split.get("name") or ""), split_images=split.get("images"),
-        paper=_paper_rows(entry.get("paper"), f"{where}.paper", errors))
+        split_name=str(split.get("name") or ""), split_images=split.get("images"))
 
 
-def load_protocols(path: str | Path) -> ProtocolRegistry:
+def load_protocols(path: str | Path, paper_file: str | Path | None = None) -> ProtocolRegistry:
     """Read and strictly validate a protocols file (the grid's is ablations/protocols.yaml);
-    every error names the file and protocol."""
+    every error names the file and protocol. ``paper_file``: the file of the paper's numbers
+    (the project's is results/paper_numbers.yaml), whose ``protocols`` section gives each
+    protocol's quoted rows and ``protocols_source`` their source; without it the rows are empty.
+    """
     path = Path(path)
     data = load_yaml_file(path)
     errors: list[str] = []
-    unknown_top = set(data) - {"protocols", "paper_source"}
+    unknown_top = set(data) - {"protocols"}
     if unknown_top:
         errors.append(f"{path}: unknown top-level keys {sorted(unknown_top)} "
-                      "(expected: protocols, paper_source)")
+                      "(expected: protocols; the paper's numbers live in the paper file)")
     entries = data.get("protocols")
     if not isinstance(entries, Mapping) or not entries:
         raise ConfigError([*errors, f"{path}: 'protocols' must be a non-empty mapping"])
@@ -240,12 +242,31 @@ def load_protocols(path: str | Path) -> ProtocolRegistry:
         if p.source != PRETRAIN and p.source not in protocols:
             errors.append(f"{path}: protocols.{p.name}.from: unknown stage {p.source!r} "
                           f"(expected '{PRETRAIN}' or one of {sorted(protocols)})")
+    source = _add_paper_rows(protocols, paper_file, errors) if paper_file is not None else ""
     if errors:
         raise ConfigError(errors)
-    registry = ProtocolRegistry(path, protocols, str(data.get("paper_source") or "").strip())
+    registry = ProtocolRegistry(path, protocols, source)
     for name in protocols:
         registry.chain(name)  # raises on cycles
     return registry
+
+
+def _add_paper_rows(protocols: dict[str, Protocol], paper_file: str | Path,
+                    errors: list[str]) -> str:
+    """Fill each protocol's ``paper`` rows from the paper file; returns their source."""
+    paper_file = Path(paper_file)
+    data = load_yaml_file(paper_file)
+    section = data.get("protocols") or {}
+    if not isinstance(section, Mapping):
+        errors.append(f"{paper_file}: protocols: expected a mapping of protocol -> rows")
+        return ""
+    for name, rows in section.items():
+        parsed = _paper_rows(rows, f"{paper_file}: protocols.{name}", errors)
+        # Rows of a protocol this file does not define are skipped: a user's own protocols
+        # file may hold a subset (tests/test_protocol.py checks the project's two files agree).
+        if name in protocols:
+            protocols[name] = replace(protocols[name], paper=parsed)
+    return " ".join(str(data.get("protocols_source") or "").split())
 
 
 # ---------------------------------------------------------------------------------------------
