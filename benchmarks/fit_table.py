@@ -52,13 +52,19 @@ def activation_per_sample(steps: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fixed_gib(model: ModelSpec, world: int = 1, zero: bool = False) -> float:
-    """Weights (student + momentum twin), gradients and AdamW state of the student, queues."""
+def element_counts(model: ModelSpec) -> tuple[int, int, int]:
+    """(student parameters, momentum-twin parameters, buffers incl. the queues) of the model,
+    built once: every fixed-memory figure below is arithmetic on these."""
     cfg = load_experiment(preset=model.preset, sets=list(model.sets))
     objective = build_objective(cfg, model.special)
-    student = sum(p.numel() for p in objective.student.parameters())
-    teacher = sum(p.numel() for p in objective.teacher.parameters())
-    buffers = sum(b.numel() for b in objective.buffers())
+    return (sum(p.numel() for p in objective.student.parameters()),
+            sum(p.numel() for p in objective.teacher.parameters()),
+            sum(b.numel() for b in objective.buffers()))
+
+
+def fixed_gib(counts: tuple[int, int, int], world: int = 1, zero: bool = False) -> float:
+    """Weights (student + momentum twin), gradients and AdamW state of the student, queues."""
+    student, teacher, buffers = counts
     adam = 2 * student / (world if zero else 1)
     return 4 * (student + teacher + student + adam + buffers) / 2**30
 
@@ -131,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "measured at two batch sizes (run bench_step with --batch 2 4)")
     torch.manual_seed(0)
     model = load_suite().models[args.preset]
-    fixed, fixed_zero8 = fixed_gib(model), fixed_gib(model, world=8, zero=True)
+    counts = element_counts(model)
+    fixed, fixed_zero8 = fixed_gib(counts), fixed_gib(counts, world=8, zero=True)
     table = fit_table(acts, fixed, fixed_zero8)
     text = report(table, fixed, fixed_zero8, args.preset)
     summary = checkpointing_summary(acts)

@@ -36,6 +36,7 @@ from benchmarks.cases import Case, Variant, load_suite, make_batch
 from benchmarks.measure import Runner, count_step_flops
 from benchmarks.report import render_markdown
 from model.build import build_objective
+from model.config.schema import ExperimentConfig
 from model.engine.optim import build_optimizer
 from results.render import write_files
 
@@ -49,12 +50,12 @@ COUNT_BATCH = 4  # FLOPs are linear in the batch (the in-batch B x B terms are n
 REFERENCE_CELL = "albef"
 
 
-def count_cell(cfg: object, case: Case, device: torch.device) -> tuple[float, int]:
+def count_cell(cfg: ExperimentConfig, case: Case, device: torch.device) -> tuple[float, int]:
     """(FLOPs per sample of one training step, bytes of a full checkpoint) of one cell."""
     torch.manual_seed(0)
-    objective = build_objective(cfg, case.model.special, seed=0).to(device)  # type: ignore[arg-type]
+    objective = build_objective(cfg, case.model.special, seed=0).to(device)
     objective.train()
-    optimizer = build_optimizer(objective, cfg.train)  # type: ignore[attr-defined]
+    optimizer = build_optimizer(objective, cfg.train)
     runner = Runner(Variant("cell", "cell", ()), objective, optimizer)
     count_step_flops(runner, make_batch(case, device, seed=0), "fp32", device)
     if runner.status != "ok":
