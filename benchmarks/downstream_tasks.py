@@ -100,23 +100,29 @@ def _pairs(path: Path, text: str, label: str) -> list[tuple[str, str]]:
     return out
 
 
+def _task_of(protocol: str) -> Any:
+    """The registered task (model/downstream/tasks/) a protocol of ablations/protocols.yaml runs."""
+    from ablations.grid import PROTOCOLS_FILE
+    from model.config.protocols import load_protocols
+    from model.downstream.tasks import task_spec
+
+    return task_spec(load_protocols(PROTOCOLS_FILE).get(protocol).task_config(True).name)
+
+
 def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
     """Per task, the question-only prior on the test split, from the stand-in files a stage
     used (recorded in its result)."""
     from model.data.synthetic_tasks import TaskFiles
-    from model.downstream.tasks import task_spec
 
     priors = {}
-    for name, (task, text, label) in {"snli_ve": ("ve", "sentence", "label"),
-                                      "nlvr2": ("nlvr", "sentence", "label"),
-                                      "vqa": ("vqa", "question", "answer")}.items():
-        if name not in stage_dirs:
-            continue
-        root = stage_dirs[name]
+    for name in stage_dirs:
+        spec = _task_of(name)
+        text, label = spec.text_and_label
+        files = TaskFiles(stage_dirs[name], spec.stand_in.name)
         # the files the task trains on (VQA: train + val)
-        train_files, _val, _answers = task_spec(task).stand_in_files(TaskFiles(root))
+        train_files, _val, _answers = spec.stand_in_files(files)
         train = [pair for f in train_files for pair in _pairs(f, text, label)]
-        priors[name] = _prior_accuracy(train, _pairs(root / f"{task}_test.json", text, label))
+        priors[name] = _prior_accuracy(train, _pairs(files.split("test"), text, label))
     return priors
 
 
@@ -195,23 +201,22 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _test_splits(name: str) -> list[str]:
-    """The columns ours fill for a task (VQA: the local split only)."""
-    return {"snli_ve": ["val", "test"], "nlvr2": ["dev", "test-P"], "vqa": ["test"]}[name]
+    """The columns ours fill for a task: the paper's split names its spec declares (VQA: the
+    local split only)."""
+    return list(_task_of(name).splits)
 
 
 def _eval_sizes() -> dict[str, tuple[int, int]]:
     """(val / dev, test) examples of each stand-in, from the protocols' synthetic sizes."""
     from ablations.grid import PROTOCOLS_FILE
     from model.config.protocols import load_protocols
-    from model.data.synthetic_tasks import VE_STATEMENTS_PER_IMAGE, VQA_QUESTIONS_PER_IMAGE
 
     registry = load_protocols(PROTOCOLS_FILE)
-    per_image = {"snli_ve": VE_STATEMENTS_PER_IMAGE, "nlvr2": 1,
-                 "vqa": VQA_QUESTIONS_PER_IMAGE}
     out = {}
     for name in TASK_PROTOCOLS:
         sizes = registry.get(name).task_config(True).synthetic
-        out[name] = (per_image[name] * sizes.val, per_image[name] * sizes.test)
+        per_item = _task_of(name).stand_in.per_item
+        out[name] = (per_item * sizes.val, per_item * sizes.test)
     return out
 
 

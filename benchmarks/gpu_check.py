@@ -3,8 +3,8 @@
 ``python -m benchmarks.gpu_check --out DIR`` (CUDA, the paper-scale plan) runs, each as its own
 subprocess with its own time limit, so that one crash or OOM never loses the others:
 
-1. ``tests``: the ``gpu``-marked tests (tests/test_gpu.py: CUDA vs CPU losses and gradients,
-   what bf16 autocast keeps in fp32, memory probes), JUnit XML in DIR/tests.xml;
+1. ``tests``: the ``gpu``-marked tests (tests/integration/test_cuda.py: CUDA vs CPU losses and
+   gradients, what bf16 autocast keeps in fp32, memory probes), JUnit XML in DIR/tests.xml;
 2. ``cost``: the base-size cost table (ALBEF, ours w/o SoftMask, ours, each component alone) at
    batch 64 and 128 per GPU, fp32 and bf16: s/it with p10/p90, peak allocated and reserved
    memory, MFU against a bf16/fp32 matmul peak measured in the same run, OOM as a row
@@ -57,7 +57,7 @@ class Step:
 def plan(device: str, out: Path) -> list[Step]:
     """The steps for ``device``: the paper-scale plan on CUDA, a tiny dry run on CPU."""
     tests = Step("tests", "pytest", ("-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                     str(REPO / "tests" / "test_gpu.py"),
+                                     str(REPO / "tests" / "integration" / "test_cuda.py"),
                                      f"--junitxml={out / 'tests.xml'}"), 180)
     if device.startswith("cuda"):
         return [

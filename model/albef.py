@@ -64,7 +64,8 @@ class ALBEF(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the ViT blocks' and BERT layers' activations in the backward pass instead
         of keeping them (``train.activation_checkpointing``): less memory, one more forward per
-        layer, the same numbers (tests/test_memory_levers.py). The ViT uses timm's own switch."""
+        layer, the same numbers (tests/engine/test_memory_levers.py). The ViT uses timm's own
+        switch."""
         self.visual_encoder.set_grad_checkpointing(enabled)
         self.text_encoder.checkpointing = enabled
         self.fusion_encoder.checkpointing = enabled

@@ -22,21 +22,17 @@ import pandas as pd
 from model.safe_paths import name_problem, output_dir_problem
 from results.collect import (
     CURVE_COLUMNS,
-    RawFileError,
     collect_runs,
     deduplicate,
-    fill_steps,
     frame_to_records,
     load_curves,
-    merge_with_raw,
-    read_raw_file,
     records_to_frame,
     select_runs,
-    write_raw,
 )
 from results.paper import PAPER_PATH, load_paper
 from results.plots import plot_curves, plot_table
 from results.raw_files import raw_destination
+from results.raw_format import RawFileError, fill_steps, merge_with_raw, read_raw_file, write_raw
 from results.recipes import UNKNOWN, Plan, adopt_plan, recipes_in
 from results.tables import (
     SPECS_PATH,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config.recipe import differences, slug
-from results.collect import read_raw_file
+from results.raw_format import read_raw_file
 from results.recipes import UNKNOWN, Plan, adopt_plan, choose_fingerprint, recipes_in
 
 logger = logging.getLogger("results")

@@ -26,27 +26,10 @@ def _seed_everything() -> None:
 
 
 # The real single-node SLURM cluster (started once per session, only by tests that ask for it).
-from fixtures_slurm import slurm_cluster, slurm_env  # noqa: E402,F401
+from tests.fixtures_slurm import slurm_cluster, slurm_env  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory):
     """One data cache directory per session: each synthetic spec is generated once."""
     return tmp_path_factory.mktemp("data_cache")
-
-
-def tiny_grid_sets(cache_dir, epochs: int = 2) -> list[str]:
-    """``--set`` items that shrink the tiny preset to a seconds-long run (tests only)."""
-    return [
-        f"data.cache_dir={cache_dir}",
-        "data.synthetic.n_train_images=128",
-        "data.synthetic.n_test_images=16",
-        "data.num_workers=0",
-        "train.batch_size=16",
-        f"train.epochs={epochs}",
-        "train.log_every=1",
-        "train.checkpoint_every=2",
-        "model.queue_size=64",
-        "eval.k_test=8",
-        "eval.batch_size=16",
-    ]

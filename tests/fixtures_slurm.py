@@ -2,7 +2,7 @@
 
 Import the fixtures into a conftest or test module::
 
-    from fixtures_slurm import slurm_cluster, slurm_env  # noqa: F401
+    from tests.fixtures_slurm import slurm_cluster, slurm_env  # noqa: F401
 
 The cluster is started once per session (a few seconds) and stopped at the end. Without the
 Slurm/munge/MariaDB binaries the slurm tests are skipped, unless ``REQUIRE_SLURM=1`` (CI), where
@@ -114,9 +114,9 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
 
 
 def job_python_path() -> list[str]:
-    """sbatch setup lines that let a job import this module, the test modules and the repo's
-    packages, whatever directory pytest was started from."""
-    paths = os.pathsep.join(str(p) for p in (TESTS_DIR, REPO_ROOT))
+    """sbatch setup lines that let a job import this module, the test modules (``tests.*``) and
+    the repo's packages, whatever directory pytest was started from."""
+    paths = os.pathsep.join(str(p) for p in (REPO_ROOT,))
     return [f"export PYTHONPATH={shlex.quote(paths)}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
 

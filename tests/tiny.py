@@ -1,7 +1,7 @@
 """Tiny factories for unit tests: config, objective and random batches (CPU, milliseconds).
 
-Import from a test file as ``from tiny import tiny_config, tiny_objective, random_batch``
-(the tests folder is on ``sys.path`` under pytest's default import mode).
+Import from a test file as ``from tests.tiny import tiny_config, tiny_objective, random_batch``
+(``tests`` is a package: its modules are imported by their dotted path from the checkout).
 
 Defaults: the ``tiny`` preset with a 60-token vocabulary, queue 64, batch 8, 32 px images;
 ``SPECIAL`` holds the ids the masking rule needs ([PAD] 0, [CLS] 2, [MASK] 4).
@@ -129,3 +129,20 @@ def stop_training_after(steps: int) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "total_steps", property(lambda self: min(steps, real.fget(self))))
         yield
+
+
+def tiny_grid_sets(cache_dir, epochs: int = 2) -> list[str]:
+    """``--set`` items that shrink the tiny preset to a seconds-long run (tests only)."""
+    return [
+        f"data.cache_dir={cache_dir}",
+        "data.synthetic.n_train_images=128",
+        "data.synthetic.n_test_images=16",
+        "data.num_workers=0",
+        "train.batch_size=16",
+        f"train.epochs={epochs}",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "model.queue_size=64",
+        "eval.k_test=8",
+        "eval.batch_size=16",
+    ]

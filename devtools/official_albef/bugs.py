@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from devtools.mutations import Mutation
 
-TARGETS = ["tests/test_official_fidelity.py"]
+TARGETS = ["tests/fidelity/test_official_pretraining.py"]
 
 MUTATIONS = [
     Mutation("bert-layernorm-eps", "model/bert.py", "layer_norm_eps=1e-12,",
@@ -62,7 +62,7 @@ MUTATIONS = [
              "ITC hard targets mark the first key positive for every row"),
 ]
 
-TARGETS = [*TARGETS, "tests/test_official_tasks.py"]
+TARGETS = [*TARGETS, "tests/fidelity/test_official_tasks.py"]
 
 MUTATIONS += [
     Mutation("vqa-first-token-once", "model/downstream/objective.py",

@@ -1,4 +1,5 @@
-"""Record tensors from the unmodified official ALBEF code, for tests/test_official_fidelity.py.
+"""Record tensors from the unmodified official ALBEF code, for
+tests/fidelity/test_official_pretraining.py.
 
 Run by hand, never by CI, in an environment that can import the official code (its public
 repository, github.com/salesforce/ALBEF, and the older libraries it was written for); see

@@ -1,4 +1,5 @@
-"""Record the official ALBEF SNLI-VE, NLVR2 and VQA models, for tests/test_official_tasks.py.
+"""Record the official ALBEF SNLI-VE, NLVR2 and VQA models, for
+tests/fidelity/test_official_tasks.py.
 
 Same environment and rules as ``record.py`` (run by hand; the official modules imported from
 ``--albef`` unchanged; only the paper-sized constructors are shrunk at run time). Each task

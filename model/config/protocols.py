@@ -263,7 +263,8 @@ def _add_paper_rows(protocols: dict[str, Protocol], paper_file: str | Path,
     for name, rows in section.items():
         parsed = _paper_rows(rows, f"{paper_file}: protocols.{name}", errors)
         # Rows of a protocol this file does not define are skipped: a user's own protocols
-        # file may hold a subset (tests/test_protocol.py checks the project's two files agree).
+        # file may hold a subset (tests/config/test_protocols.py checks the project's two files
+        # agree).
         if name in protocols:
             protocols[name] = replace(protocols[name], paper=parsed)
     return " ".join(str(data.get("protocols_source") or "").split())

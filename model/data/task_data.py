@@ -1,7 +1,7 @@
 """Runtime files, datasets and collates of the downstream tasks (docs/DATA.md, "Downstream").
 
 The files are ALBEF's formats (JSON lists), written by the converters in ``model/data/prepare/``
-or by the synthetic stand-ins (``model/data/synthetic_tasks.py``):
+or by the synthetic stand-ins (``model/data/synthetic_tasks.py``, each task's ``STAND_IN``):
 
 * SNLI-VE: ``{"image", "sentence", "label": entailment | neutral | contradiction}``
 * NLVR2:   ``{"images": [left, right], "sentence", "label": "True" | "False"}``

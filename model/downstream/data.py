@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from model.config.schema import ExperimentConfig
 from model.config.task import TaskConfig
 from model.data.sampling import SeededDataset
-from model.data.synthetic_tasks import TaskFiles, TaskSizes, generate_task
+from model.data.synthetic_tasks import StandIn, TaskFiles, TaskSizes, generate_task
 from model.data.task_data import load_answer_list
 from model.data.transforms import build_transform
 from model.engine.data import crop_scale, synthetic_spec
@@ -27,6 +27,8 @@ from model.engine.distributed import DistInfo
 
 class TaskData(Protocol):
     """What the data side asks of a task (model/downstream/tasks/base.py TaskSpec has it)."""
+
+    stand_in: StandIn
 
     def stand_in_files(self, files: TaskFiles) -> tuple[tuple[Path, ...], Path | None,
                                                         Path | None]: ...
@@ -56,11 +58,11 @@ def resolve_task_files(cfg: ExperimentConfig, task: TaskConfig, spec: TaskData
     """The task's files; for synthetic data the stand-ins are generated (cached) first."""
     if cfg.data.kind == "synthetic":
         s = task.synthetic
-        files = generate_task(cfg.data.cache_dir, task.name, synthetic_spec(cfg),
+        files = generate_task(cfg.data.cache_dir, spec.stand_in, synthetic_spec(cfg),
                               TaskSizes(s.train, s.val, s.test, s.single_object_fraction),
                               seed=s.seed)
         train, val, answer_list = spec.stand_in_files(files)
-        return TaskFilesResolved(train, val, getattr(files, task.name)("test"), files.root,
+        return TaskFilesResolved(train, val, files.split("test"), files.root,
                                  None, answer_list, True)
     missing = [k for k in ("test_file", "image_root") if not getattr(task, k)]
     if not task.train_files:

@@ -24,7 +24,7 @@ from model.albef import ALBEF
 from model.build import resolve_vocab_size
 from model.config.schema import ExperimentConfig
 from model.config.task import TaskConfig
-from model.data.synthetic_tasks import TaskFiles
+from model.data.synthetic_tasks import StandIn, TaskFiles
 from model.data.task_data import ClassifyCollate
 from model.downstream.backbone import Backbones, bert_config, load_backbones
 from model.downstream.data import Split, TaskFilesResolved
@@ -59,13 +59,14 @@ class TaskSpec:
     name: ClassVar[str]
     splits: ClassVar[tuple[str, ...]]  # the paper's split names, in table order
     with_mlm: ClassVar[bool] = False  # the task network starts from the pre-trained MLM head
+    stand_in: ClassVar[StandIn]  # its generated stand-in (data.kind = synthetic)
+    text_and_label: ClassVar[tuple[str, str]]  # the fields of its files' records
 
     # ------------------------------------------------------------------ files and data
     def stand_in_files(self, files: TaskFiles) -> tuple[tuple[Path, ...], Path | None,
                                                         Path | None]:
         """(train files, val file, answer list) of the generated stand-in."""
-        split = getattr(files, self.name)
-        return (split("train"),), split("val"), None
+        return (files.split("train"),), files.split("val"), None
 
     def missing_files(self, task: TaskConfig) -> list[str]:
         """The ``task.`` keys a real-data stage needs beyond train/test files and images."""

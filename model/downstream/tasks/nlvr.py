@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -24,6 +25,8 @@ from model.checkpoints import AllowRule, LoadReport, apply_state
 from model.config.schema import ExperimentConfig, TrainConfig
 from model.config.task import TaskConfig
 from model.data.datasets import PretrainDataset
+from model.data.synthetic import Scene, SceneObject
+from model.data.synthetic_tasks import Scenes, StandIn, has_object, object_name
 from model.data.task_data import NLVRDataset, load_nlvr
 from model.data.transforms import build_transform
 from model.downstream.backbone import Backbones, load_backbones
@@ -118,9 +121,53 @@ def run_text_assignment(cfg: ExperimentConfig, task: TaskConfig, backbones: Back
     return model, {"ta_steps": steps, "ta_pairs": len(loader.dataset)}
 
 
+# ------------------------------------------------------------------ the synthetic stand-in
+# ``both images contain a <colour> <shape>`` / ``only one image contains ...``: the label needs
+# both images; each template is True for half of its pairs.
+def _scene_with(scenes: Scenes, rng: np.random.Generator, target: SceneObject, wanted: bool
+                ) -> Scene:
+    while True:  # rejection sampling; each outcome has probability >= ~1/6 for the defaults
+        scene = scenes.draw(rng)
+        if has_object(scene, target.colour, target.shape) == wanted:
+            return scene
+
+
+def nlvr_example(scenes: Scenes, rng: np.random.Generator) -> tuple[Scene, Scene, str, bool]:
+    """(left scene, right scene, statement, label) of one stand-in example."""
+    spec = scenes.spec
+    target = SceneObject(spec.colours[int(rng.integers(len(spec.colours)))],
+                         spec.shapes[int(rng.integers(len(spec.shapes)))], spec.sizes[0])
+    label = bool(rng.random() < 0.5)
+    if rng.random() < 0.5:
+        sentence = f"both images contain a {object_name(target)}"
+        left_has = bool(label or rng.random() < 0.5)
+        right_has = label or not left_has and rng.random() < 0.5
+    else:
+        sentence = f"only one image contains a {object_name(target)}"
+        left_has = bool(rng.random() < 0.5)
+        right_has = (not left_has) if label else left_has
+    return (_scene_with(scenes, rng, target, left_has),
+            _scene_with(scenes, rng, target, bool(right_has)), sentence, label)
+
+
+def _draw(scenes: Scenes, rng: np.random.Generator, split: str, n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        left, right, sentence, label = nlvr_example(scenes, rng)
+        images = [scenes.save(left, rng, f"images/nlvr_{split}/{i:06d}_0.png"),
+                  scenes.save(right, rng, f"images/nlvr_{split}/{i:06d}_1.png")]
+        out.append({"images": images, "sentence": sentence, "label": str(label)})
+    return out
+
+
+STAND_IN = StandIn("nlvr", stream=12, draw=_draw)
+
+
 class NLVRTask(ClassifyTask):
     name = "nlvr"
     splits = ("dev", "test-P")
+    stand_in = STAND_IN
+    text_and_label = ("sentence", "label")
     loader_fn = staticmethod(load_nlvr)
     dataset_cls = NLVRDataset
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 
+from model.data.synthetic import Scene, SyntheticSpec, opposite_relation
+from model.data.synthetic_tasks import (
+    ANSWER_LIST,
+    SPLIT_SEEDS,
+    Scenes,
+    StandIn,
+    object_name,
+    relation,
+)
 from model.data.task_data import VQACollate, VQADataset, encode_answers, load_vqa
 from model.downstream.finetune import gather_objects, train_epochs
 from model.downstream.heads import AnswerDecoder
@@ -43,13 +53,61 @@ def predict_vqa(objective: VQAObjective, loader, answers: list[str], tokenizer, 
     return out
 
 
+# ------------------------------------------------------------------ the synthetic stand-in
+# Colour / shape / size / count / yes-no relation / "what is <relation> the ..." questions; the
+# answers come from a fixed list (colours, shapes, sizes, yes, no, one, two and every
+# ``<colour> <shape>``); ten identical human answers per question.
+QUESTIONS_PER_IMAGE = 3
+
+
+def vqa_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """:data:`QUESTIONS_PER_IMAGE` (question, answer) pairs about one scene."""
+    target = scene.objects[int(rng.integers(len(scene.objects)))]
+    pool = [(f"what colour is the {target.shape}", target.colour),
+            (f"what shape is the {target.colour} object", target.shape),
+            (f"what size is the {object_name(target)}", target.size),
+            ("how many objects are there", ["one", "two"][len(scene.objects) - 1])]
+    if len(scene.objects) == 2:
+        subject, rel, other = relation(scene, rng)
+        asked = rel if rng.random() < 0.5 else opposite_relation(rel)
+        pool += [(f"is the {subject.shape} {asked} the {other.shape}",
+                  "yes" if asked == rel else "no"),
+                 (f"what is {rel} the {object_name(other)}", object_name(subject))]
+    picks = rng.choice(len(pool), size=QUESTIONS_PER_IMAGE, replace=False)
+    return [pool[int(p)] for p in picks]
+
+
+def _draw(scenes: Scenes, rng: np.random.Generator, split: str, n: int) -> list[dict]:
+    first_id = 1_000_000 * SPLIT_SEEDS[split]  # question ids unique across the splits
+    out: list[dict] = []
+    for i in range(n):
+        scene = scenes.draw(rng)
+        image = scenes.save(scene, rng, f"images/vqa_{split}/{i:06d}.png")
+        for question, answer in vqa_questions(scene, rng):
+            out.append({"question_id": first_id + len(out), "question": question,
+                        "image": image, "dataset": "vqa", "answer": [answer] * 10})
+    return out
+
+
+def answer_list(spec: SyntheticSpec) -> list[str]:
+    """Every answer a stand-in question can have."""
+    combos = [f"{c} {s}" for c in spec.colours for s in spec.shapes]
+    return [*spec.colours, *spec.shapes, *spec.sizes, "yes", "no", "one", "two", *combos]
+
+
+STAND_IN = StandIn("vqa", stream=13, draw=_draw, per_item=QUESTIONS_PER_IMAGE,
+                   extra_files=lambda spec: {ANSWER_LIST: answer_list(spec)})
+
+
 class VQATask(TaskSpec):
     name = "vqa"
     splits = ("test",)
+    stand_in = STAND_IN
+    text_and_label = ("question", "answer")
     with_mlm = True
 
     def stand_in_files(self, files):
-        return (files.vqa("train"), files.vqa("val")), None, files.answer_list
+        return (files.split("train"), files.split("val")), None, files.answer_list
 
     def missing_files(self, task):
         return [] if task.answer_list else ["answer_list"]
