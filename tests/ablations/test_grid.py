@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,8 +186,11 @@ def test_local_grid_runs_skips_and_reports_failures(capsys, tmp_path: Path,
     matrix.write_text(matrix.read_text() + "  broken: {overrides: [], set: "
                       f"{{train.init_from: {garbage}}}}}\n")
     runs, out = tmp_path / "runs", tmp_path / "results"
+    threads_before = os.environ.get("SOFTMASK_THREADS")
     rc = run_grid.main(_grid_args(matrix, runs, out, synthetic_cache, ["albef", "full", "broken"]))
     text_out = capsys.readouterr().out
+    # the local jobs' share of the cores is not left behind for a later SLURM submission
+    assert os.environ.get("SOFTMASK_THREADS") == threads_before
     assert rc == 1  # the broken cell failed ...
     grid = runs / "softmask_ablation"
     done = {p.parent.name.split("__")[0] for p in grid.glob("*/DONE")}
