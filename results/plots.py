@@ -86,7 +86,8 @@ def _draw_ours(ax: plt.Axes, result: TableResult) -> None:
     ax.set_xticks(x, _row_labels(result), rotation=30, ha="right")
     ax.set_ylabel("%")
     ax.set_title(f"ours: {result.context.dataset} (mean ± std over seeds)")
-    ax.legend(loc="upper left", ncol=len(metrics), frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no bars, no legend
+        ax.legend(loc="upper left", ncol=len(metrics), frameon=False)
 
 
 def _draw_paper(ax: plt.Axes, result: TableResult, paper: PaperNumbers) -> None:

@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> GalleryResult:
     if len(args.image) != len(args.caption):
         raise SystemExit(f"--image and --caption must pair up ({len(args.image)} images, "
                          f"{len(args.caption)} captions)")
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        raise SystemExit(f"--out {args.out}: the gallery is a PNG image; expected a file name "
+                         "ending in .png")
     from model.build import build_objective
     from model.checkpoints import CheckpointReadError
     from model.data.transforms import build_transform

@@ -11,11 +11,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar, get_origin, get_type_hints
 
 import pytest
 
 from devtools.mutations import scratch_copy
-from model.downstream.tasks import TASKS
+from model.downstream.tasks import TASKS, TaskSpec
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "ARCHITECTURE.md"
@@ -24,6 +25,7 @@ DOC = REPO / "docs" / "ARCHITECTURE.md"
 RUN = """
 import json, sys, yaml
 from pathlib import Path
+from typing import ClassVar, get_origin, get_type_hints
 from model.cell.stages import run_downstream
 from model.config.experiment import load_experiment
 from model.config.protocols import load_protocols
@@ -42,6 +44,9 @@ stages = run_downstream(cfg, out / "run", out / "pre" / "checkpoint.pt", ["snli_
                         {"cell": "albef", "seed": 0}, registry=load_protocols(micro),
                         sets=["train.max_steps=3", "train.epochs=1", "train.batch_size=8"])
 print("METRICS " + json.dumps(stages["snli_ve2"].metrics))
+from model.downstream.tasks import task_spec
+from tests.downstream.test_adding_a_task import undeclared
+print("UNDECLARED " + json.dumps(undeclared(task_spec("ve2"))))
 """
 
 
@@ -94,6 +99,18 @@ def apply_example(root: Path, blocks: list[tuple[str, str, str]]) -> set[str]:
     return {file for file, _, _ in blocks}
 
 
+def undeclared(spec: TaskSpec) -> list[str]:
+    """The class attributes that ``spec``'s bases (TaskSpec, ClassifyTask) declare without a
+    value and ``spec`` does not set."""
+    return [n for n, kind in get_type_hints(type(spec)).items()
+            if get_origin(kind) is ClassVar and not hasattr(spec, n)]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_registered_task_declares_what_a_spec_needs(name: str) -> None:
+    assert not undeclared(TASKS[name])
+
+
 def test_the_example_touches_exactly_the_tables_files() -> None:
     section = _section(DOC.read_text())
     files = table_files(section)
@@ -112,7 +129,8 @@ def test_the_example_task_runs_end_to_end(tmp_path: Path, synthetic_cache: Path)
                            str(synthetic_cache)], cwd=root, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    metrics = json.loads(done.stdout.split("METRICS ", 1)[1])
+    metrics = json.loads(done.stdout.split("METRICS ", 1)[1].splitlines()[0])
+    assert json.loads(done.stdout.split("UNDECLARED ", 1)[1]) == []
     assert set(metrics) == {"val", "test"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     stage = tmp_path / "out" / "run" / "snli_ve2"

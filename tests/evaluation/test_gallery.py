@@ -205,6 +205,9 @@ def test_cli_end_to_end(run, tmp_path) -> None:
     assert mpimg.imread(res2.path).shape[:2] == res2.size
     with pytest.raises(SystemExit):
         gallery_cli.main(["--run-dir", str(run_dir), "--image", str(image)])
+    with pytest.raises(SystemExit, match=r"\.png"):  # not a PNG file name: refused, not written
+        gallery_cli.main(["--run-dir", str(run_dir), "--out", str(tmp_path / "figure")])
+    assert not (tmp_path / "figure").exists()
 
 
 def _magenta(path: Path) -> np.ndarray:
