@@ -25,6 +25,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ def _pairs(path: Path, text: str, label: str) -> list[tuple[str, str]]:
     return out
 
 
+@cache  # the table asks per column; the protocols file is read once
 def _task_of(protocol: str) -> Any:
     """The registered task (model/downstream/tasks/) a protocol of ablations/protocols.yaml runs."""
     from ablations.grid import PROTOCOLS_FILE
