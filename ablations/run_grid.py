@@ -260,17 +260,7 @@ def _run_local(todo: list[RunSpec], args: argparse.Namespace, tier_name: str) ->
         else:
             tqdm.write(f"done   {sub.spec.run_id}")
 
-    # Split the machine's cores between the concurrent jobs (inherited by the subprocesses),
-    # for this run only: a SLURM submission later in the same process must not inherit it.
-    before = os.environ.get("SOFTMASK_THREADS")
-    os.environ["SOFTMASK_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-    try:
-        run_local(todo, args.cluster, parallel, load_tier(tier_name), on_done)
-    finally:
-        if before is None:
-            del os.environ["SOFTMASK_THREADS"]
-        else:
-            os.environ["SOFTMASK_THREADS"] = before
+    run_local(todo, args.cluster, parallel, load_tier(tier_name), on_done)
     bar.close()
     return failures
 

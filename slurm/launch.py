@@ -20,7 +20,7 @@ from typing import Any
 
 from model.engine.run_io import git_revision
 from slurm.executor import Cluster, make_executor
-from slurm.resources import Tier, load_tier
+from slurm.resources import Tier, load_tier, local_thread_share
 from slurm.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -77,25 +77,27 @@ def run_local(specs: Sequence[RunSpec], cluster: Cluster, max_parallel: int,
               tier: Tier, on_done: Callable[[Submission, BaseException | None], None]
               ) -> list[Submission]:
     """Run through submitit's local (subprocess) or debug (in-process) executor, keeping at most
-    ``max_parallel`` jobs alive; ``on_done`` is called as each finishes (failures included)."""
+    ``max_parallel`` jobs alive, each with its share of the cores; ``on_done`` is called as each
+    finishes (failures included)."""
     from slurm.cell_job import CellJob
 
     folder = grid_folder(specs)
     pending, running, finished = list(specs), [], []
     try:
-        while pending or running:
-            while pending and len(running) < max(1, max_parallel):
-                spec = pending.pop(0)
-                ex = make_executor(cluster, folder / ".submitit", tier,
-                                   f"{spec.grid}:{spec.cell}")
-                sub = Submission(spec, ex.submit(CellJob(), spec))
-                _record(folder, [sub], cluster)
-                running.append(sub)
-            time.sleep(0.5 if cluster != "debug" else 0)
-            for sub in [s for s in running if s.job.done()]:
-                running.remove(sub)
-                finished.append(sub)
-                on_done(sub, _exception(sub))
+        with local_thread_share(max_parallel):
+            while pending or running:
+                while pending and len(running) < max(1, max_parallel):
+                    spec = pending.pop(0)
+                    ex = make_executor(cluster, folder / ".submitit", tier,
+                                       f"{spec.grid}:{spec.cell}")
+                    sub = Submission(spec, ex.submit(CellJob(), spec))
+                    _record(folder, [sub], cluster)
+                    running.append(sub)
+                time.sleep(0.5 if cluster != "debug" else 0)
+                for sub in [s for s in running if s.job.done()]:
+                    running.remove(sub)
+                    finished.append(sub)
+                    on_done(sub, _exception(sub))
     except KeyboardInterrupt:
         _stop(running)
         raise

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from model.config.loader import ConfigError, FieldError, from_dict, load_yaml_fi
 
 RESOURCES_FILE = Path(__file__).with_name("resources.yaml")
 ENV_PREFIX = "SOFTMASK_SLURM_"
+THREADS_ENV = "SOFTMASK_THREADS"  # a local job's share of the cores
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,33 @@ def load_tier(name: str, path: Path = RESOURCES_FILE, env: dict[str, str] | None
 def allocated_threads(env: Mapping[str, str] | None = None) -> int | None:
     """torch intra-op threads for a job process, or None to keep torch's default.
 
-    A local grid's per-job share of the cores (``SOFTMASK_THREADS``, set by run_grid) comes
-    first, then the task's SLURM allocation (``SLURM_CPUS_PER_TASK``). Without either, torch
-    would start one thread per core of the whole node, which on a shared node contends with
-    other jobs and makes a job's speed depend on their load.
+    A local grid's per-job share of the cores (``SOFTMASK_THREADS``, set by
+    :func:`local_thread_share`) comes first, then the task's SLURM allocation
+    (``SLURM_CPUS_PER_TASK``). Without either, torch would start one thread per core of the
+    whole node, which on a shared node contends with other jobs and makes a job's speed depend
+    on their load.
     """
     env = os.environ if env is None else env
-    for name in ("SOFTMASK_THREADS", "SLURM_CPUS_PER_TASK"):
+    for name in (THREADS_ENV, "SLURM_CPUS_PER_TASK"):
         value = env.get(name, "")
         if value.isdigit() and int(value) >= 1:
             return int(value)
     return None
+
+
+@contextlib.contextmanager
+def local_thread_share(max_parallel: int) -> Iterator[int]:
+    """Split this machine's cores between ``max_parallel`` local jobs while they run: set
+    ``SOFTMASK_THREADS`` (inherited by the local executor's subprocesses, read in-process by the
+    debug executor) and restore the environment afterwards, so that a SLURM job submitted later
+    from the same process keeps its own allocation."""
+    before = os.environ.get(THREADS_ENV)
+    share = max(1, (os.cpu_count() or 1) // max(1, max_parallel))
+    os.environ[THREADS_ENV] = str(share)
+    try:
+        yield share
+    finally:
+        if before is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = before
