@@ -101,14 +101,21 @@ def _pairs(path: Path, text: str, label: str) -> list[tuple[str, str]]:
     return out
 
 
-@cache  # the table asks per column; the protocols file is read once
-def _task_of(protocol: str) -> Any:
-    """The registered task (model/downstream/tasks/) a protocol of ablations/protocols.yaml runs."""
+@cache  # the table asks per column and per task: the protocols file is read once
+def _registry() -> Any:
+    """ablations/protocols.yaml with the paper's rows of results/paper_numbers.yaml."""
     from ablations.grid import PROTOCOLS_FILE
     from model.config.protocols import load_protocols
+    from results.paper import PAPER_PATH
+
+    return load_protocols(PROTOCOLS_FILE, paper_file=PAPER_PATH)
+
+
+def _task_of(protocol: str) -> Any:
+    """The registered task (model/downstream/tasks/) a protocol of ablations/protocols.yaml runs."""
     from model.downstream.tasks import task_spec
 
-    return task_spec(load_protocols(PROTOCOLS_FILE).get(protocol).task_config(True).name)
+    return task_spec(_registry().get(protocol).task_config(True).name)
 
 
 def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
@@ -129,11 +136,7 @@ def question_only_priors(stage_dirs: dict[str, Path]) -> dict[str, float]:
 
 
 def _paper_rows() -> dict[str, dict[str, float]]:
-    from ablations.grid import PROTOCOLS_FILE
-    from model.config.protocols import load_protocols
-    from results.paper import PAPER_PATH
-
-    registry = load_protocols(PROTOCOLS_FILE, paper_file=PAPER_PATH)
+    registry = _registry()
     rows: dict[str, dict[str, float]] = defaultdict(dict)
     for name in TASK_PROTOCOLS:
         for method, values in registry.get(name).paper.items():
@@ -210,13 +213,9 @@ def _test_splits(name: str) -> list[str]:
 
 def _eval_sizes() -> dict[str, tuple[int, int]]:
     """(val / dev, test) examples of each stand-in, from the protocols' synthetic sizes."""
-    from ablations.grid import PROTOCOLS_FILE
-    from model.config.protocols import load_protocols
-
-    registry = load_protocols(PROTOCOLS_FILE)
     out = {}
     for name in TASK_PROTOCOLS:
-        sizes = registry.get(name).task_config(True).synthetic
+        sizes = _registry().get(name).task_config(True).synthetic
         per_item = _task_of(name).stand_in.per_item
         out[name] = (per_item * sizes.val, per_item * sizes.test)
     return out

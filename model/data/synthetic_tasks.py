@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 TASKS_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-ANSWER_LIST = "answer_list.json"
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
@@ -79,10 +78,6 @@ class TaskFiles:
 
     def split(self, split: str) -> Path:
         return self.root / f"{self.name}_{split}.json"
-
-    @property
-    def answer_list(self) -> Path:
-        return self.root / ANSWER_LIST
 
 
 def object_name(o: SceneObject) -> str:

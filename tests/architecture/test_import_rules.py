@@ -4,6 +4,7 @@ imports included): which room may import which, and no import cycles between mod
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,18 +31,23 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for room in ROOMS for p in (REPO / room).rglob("*.py")}
 
 
+def _import_statements(path: Path) -> Iterator[tuple[str | None, list[str]]]:
+    """(module, names) of every absolute import anywhere in ``path``, function-level ones
+    included: ``import a.b`` gives (None, ["a.b"]), ``from a.b import c`` ("a.b", ["c"])."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield None, [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, [alias.name for alias in node.names]
+
+
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """Project modules ``path`` imports anywhere in it (``from a.b import c`` counts ``a.b.c``
     when that is a module, else ``a.b``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                     else node.module for a in node.names]
-        else:
-            continue
+    for module, names in _import_statements(path):
+        if module is not None:
+            names = [f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names]
         found |= {n for n in names if n.split(".")[0] in ROOMS and n in modules}
     return found
 
@@ -186,13 +192,11 @@ TESTS = REPO / "tests"
 
 
 def _imported_names(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-    return names
+    """Every module and ``module.name`` that ``path`` imports."""
+    found: set[str] = set()
+    for module, names in _import_statements(path):
+        found |= set(names) if module is None else {module, *(f"{module}.{n}" for n in names)}
+    return found
 
 
 def test_the_tests_mirror_the_rooms() -> None:

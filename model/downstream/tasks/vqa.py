@@ -13,7 +13,6 @@ import torch
 
 from model.data.synthetic import Scene, SyntheticSpec, opposite_relation
 from model.data.synthetic_tasks import (
-    ANSWER_LIST,
     SPLIT_SEEDS,
     Scenes,
     StandIn,
@@ -31,6 +30,7 @@ from model.engine.run_io import append_jsonl, write_json_atomic
 from model.engine.step import move_batch
 
 VQA_SUBMISSION = "vqa_result.json"
+ANSWER_LIST = "answer_list.json"  # the stand-in's, beside its question files
 TEST_MAX_WORDS = 50  # ALBEF puts no limit on test questions (its loader's default, 50)
 
 
@@ -107,7 +107,7 @@ class VQATask(TaskSpec):
     with_mlm = True
 
     def stand_in_files(self, files):
-        return (files.split("train"), files.split("val")), None, files.answer_list
+        return (files.split("train"), files.split("val")), None, files.root / ANSWER_LIST
 
     def missing_files(self, task):
         return [] if task.answer_list else ["answer_list"]
