@@ -69,6 +69,12 @@ def fixed_gib(counts: tuple[int, int, int], world: int = 1, zero: bool = False) 
     return 4 * (student + teacher + student + adam + buffers) / 2**30
 
 
+def free_gib(card_gb: int, fixed: float) -> float:
+    """What a card of ``card_gb`` GB leaves for activations: the usable share minus the fixed
+    memory and the CUDA context."""
+    return card_gb * 1e9 / 2**30 * HEADROOM - fixed - CUDA_CONTEXT_GIB
+
+
 def fit_table(acts: pd.DataFrame, fixed: float, fixed_zero8: float) -> pd.DataFrame:
     rows = []
     for _, a in acts.iterrows():
@@ -77,11 +83,10 @@ def fit_table(acts: pd.DataFrame, fixed: float, fixed_zero8: float) -> pd.DataFr
         for precision, factor in (("fp32", 1.0), ("bf16", BF16_ACTIVATION_FACTOR)):
             per = a["act_mib_per_sample"] * factor / 1024
             for gb in CARDS_GB:
-                free = gb * 1e9 / 2**30 * HEADROOM - fixed - CUDA_CONTEXT_GIB
-                row[f"{gb} GB {precision}"] = max(0, math.floor(free / per)) if per > 0 else None
-            free80 = 80 * 1e9 / 2**30 * HEADROOM - fixed_zero8 - CUDA_CONTEXT_GIB
-            if precision == "bf16":
-                row["80 GB bf16, ZeRO over 8"] = max(0, math.floor(free80 / per))
+                row[f"{gb} GB {precision}"] = (max(0, math.floor(free_gib(gb, fixed) / per))
+                                               if per > 0 else None)
+        per_bf16 = a["act_mib_per_sample"] * BF16_ACTIVATION_FACTOR / 1024
+        row["80 GB bf16, ZeRO over 8"] = max(0, math.floor(free_gib(80, fixed_zero8) / per_bf16))
         row["batch 64, fp32 (GiB)"] = fixed + CUDA_CONTEXT_GIB + 64 * a["act_mib_per_sample"] / 1024
         rows.append(row)
     return pd.DataFrame(rows)
